@@ -1,0 +1,331 @@
+"""Typed configs: dataclasses with YAML load/save, `a.b=value` overrides and validation.
+
+Every part of univigu is configured by one of the dataclasses below. `load_config` reads YAML,
+applies overrides and checks every key and type, so a typo fails at start-up with one line that
+names the key instead of deep inside a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type or an invalid value."""
+
+
+# --------------------------------------------------------------------------------------------
+# Component configs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorldConfig:
+    """ShapesWorld: procedural captioned videos with known ground truth."""
+
+    width: int = 32
+    height: int = 32
+    frames: int = 9  # 4n+1 like Wan
+    fps: int = 8
+    min_objects: int = 1
+    max_objects: int = 1
+    # Fraction of (shape, colour) combinations held out of training for the held-out split.
+    holdout_fraction: float = 0.0
+
+
+@dataclass
+class TransformerConfig:
+    """The unified transformer. Video fields use diffusers' `WanTransformer3DModel` names."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 2
+    attention_head_dim: int = 64
+    in_channels: int = 48
+    out_channels: int = 48
+    text_dim: int = 384  # width of the prompt embedding (UMT5: 4096, MiniLM: 384)
+    freq_dim: int = 256
+    ffn_dim: int = 512
+    num_layers: int = 4
+    cross_attn_norm: bool = True
+    qk_norm: str = "rms_norm_across_heads"
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+    # Text stream (vocab_size 0 = video-only backbone).
+    vocab_size: int = 0
+    mask_token: bool = True  # one extra id `vocab_size` for the mask source
+    text_length: int = 32  # canvas length L
+    text_ffn_dim: int | None = None  # None = ffn_dim
+    text_rope: Literal["interleaved", "rotate_half", "none"] = "interleaved"
+    text_rope_theta: float = 10000.0
+    text_norm_eps: float = 1e-5
+    attention_policy: Literal["full", "clean_isolated"] = "clean_isolated"
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+@dataclass
+class CodecConfig:
+    """Latent codec: pixels <-> latents."""
+
+    kind: Literal["pixel_shuffle", "wan_vae"] = "pixel_shuffle"
+    spatial_factor: int = 4
+    temporal_factor: int = 1
+    path: str | None = None  # local AutoencoderKLWan directory for kind=wan_vae
+    normalize: bool = True  # Wan VAE: per-channel mean/std (False = the published raw latents)
+
+
+@dataclass
+class PromptEncoderConfig:
+    """Prompt encoder: text -> condition embedding [B, Lc, D]."""
+
+    kind: Literal["minilm", "umt5"] = "minilm"
+    path: str | None = None  # local directory (UMT5; MiniLM defaults to the installed package)
+    condition_length: int = 32  # Lc: embeddings are trimmed to real tokens and zero-padded to this
+    null_condition: Literal["empty", "zeros"] = "empty"
+
+
+@dataclass
+class TokenizerConfig:
+    """The text-stream tokenizer."""
+
+    kind: Literal["trimmed", "minilm", "file"] = "trimmed"
+    path: str | None = None  # tokenizer.json for kind=file
+
+
+@dataclass
+class FlowConfig:
+    """Unified flow: noise-level sampling, the text path and the loss."""
+
+    video_time_sampling: Literal["uniform", "logit_normal", "shifted"] = "logit_normal"
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    train_shift: float = 1.0
+    text_source: Literal["mask", "uniform"] = "mask"
+    kappa_exponent: float = 1.0
+    text_loss: Literal["cross_entropy", "generalized_kl"] = "cross_entropy"
+    text_loss_weight: float = 1.0  # lambda in L = L_video + lambda * L_text
+
+
+@dataclass
+class SamplerConfig:
+    """Sampling defaults stored with a pipeline."""
+
+    video_steps: int = 20
+    video_solver: Literal["euler", "heun", "dpmpp2m"] = "dpmpp2m"
+    shift: float = 3.0
+    guidance_scale: float = 3.0
+    text_steps: int = 16
+    text_sampler: Literal["euler", "confidence"] = "confidence"
+    text_guidance_scale: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass
+class TaskMixture:
+    """Per-sample task probabilities and dropout for guidance (DESIGN.md section 4)."""
+
+    t2v: float = 1.0
+    v2t: float = 0.0
+    joint: float = 0.0
+    joint_unconditional: float = 0.5  # share of joint samples with the null condition
+    joint_tied: float = 0.5  # share of joint samples with one noise level for both modalities
+    condition_dropout: float = 0.1
+    video_dropout: float = 0.1  # V2T samples that drop the video (text guidance branch)
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["generator", "knowledge_recall", "capability_refinement"] = "generator"
+    init_from: str | None = None  # previous stage's directory, or a Wan checkpoint directory
+    output_dir: str = "runs/generator"
+    manifest: str | None = None  # JSONL manifest; None = ShapesWorld generated on the fly
+    num_train_videos: int = 20000
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup_steps: int = 100
+    bf16: bool = True
+    trainable: Literal["all", "text", "text_and_shared"] = "all"
+    gradient_checkpointing: bool = False
+    mixture: TaskMixture = field(default_factory=TaskMixture)
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    eval_every: int = 0  # 0 = only at the end
+    eval_samples: int = 64
+
+
+@dataclass
+class ExperimentConfig:
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    prompt_encoder: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Generic (de)serialisation with validation
+# --------------------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict:
+    """Dataclass -> plain dict (tuples become lists, so YAML and JSON stay plain)."""
+
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(cfg)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a type annotation, converting only where it is lossless."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+        return from_dict(annotation, value, prefix=key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"config key '{key}' has an invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"config key '{key}' must be one of {choices}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must have {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__}")
+        return [_coerce(v, args[0], key) for v in value] if args else list(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key '{key}' must be null, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or cls.__name__}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key '{where}{unknown[0]}' (known keys: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings to a nested dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.subkey=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a config section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                cls: type = ExperimentConfig) -> Any:
+    """Load a YAML config (or the defaults when `path` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    data = apply_overrides(data, list(overrides or []))
+    # Round-trip through the defaults so partial files are completed.
+    merged = _merge(to_dict(cls()), data)
+    return from_dict(cls, merged)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
