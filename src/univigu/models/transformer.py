@@ -1,0 +1,477 @@
+"""UniViGUTransformer: the Wan2.1 DiT with a text stream in every block.
+
+Video tokens keep Wan's modules and diffusers' parameter names, so a diffusers
+`WanTransformer3DModel` checkpoint loads straight in and, with no text stream, this model *is*
+Wan. Text tokens join the video tokens in one joint self-attention (3D RoPE on video, 1D RoPE on
+text), cross-attend to the prompt like video tokens do, and are routed to their own FFN expert in
+every block (the paper's modality-driven MoE). Each modality has its own timestep embedding,
+modulation and output head.
+
+Conventions (DESIGN.md section 4): timesteps are floats in [0, 1000] per sample and modality,
+1000 = pure noise. Under the `clean_isolated` attention policy a modality at timestep 0 does not
+attend to the other one, which makes its per-layer keys/values cacheable (`prefill`/`step_*`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import TransformerConfig, from_dict, to_dict
+from .layers import (
+    FeedForward,
+    FP32LayerNorm,
+    TextProjection,
+    TimestepEmbedding,
+    WanAttention,
+    sinusoidal_embedding,
+    text_rope,
+    video_rope,
+)
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class ModelInputError(ValueError):
+    """An input to the transformer has the wrong shape, dtype or range."""
+
+
+class ConditionEmbedder(nn.Module):
+    """Video timestep embedding + 6-way modulation projection + prompt projection (diffusers names)."""
+
+    def __init__(self, dim: int, freq_dim: int, text_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_embedder = TimestepEmbedding(freq_dim, dim)
+        self.act_fn = nn.SiLU()
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = TextProjection(text_dim, dim)
+
+
+class TextStream(nn.Module):
+    """The parts only text tokens use: embedding, timestep embedding, output table and head."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        dim = cfg.inner_dim
+        self.token_embedding = nn.Embedding(cfg.vocab_size + int(cfg.mask_token), dim)
+        self.time_embedder = TimestepEmbedding(cfg.freq_dim, dim)
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.norm_out = FP32LayerNorm(dim, eps=cfg.text_norm_eps, elementwise_affine=True, bias=False)
+        self.proj_out = nn.Linear(dim, cfg.vocab_size)
+
+
+def _time_modulation(t: torch.Tensor, freq_dim: int, embedder: TimestepEmbedding, proj: nn.Linear):
+    """(temb [B, D], modulation [B, 6, D]) in fp32, whatever the autocast state."""
+    with torch.autocast(t.device.type, enabled=False):
+        sinus = sinusoidal_embedding(t, freq_dim).to(embedder.linear_1.weight.dtype)
+        temb = embedder(sinus).float()
+        mod = proj(nn.functional.silu(temb).to(proj.weight.dtype)).float()
+    return temb, mod.unflatten(1, (6, -1))
+
+
+class UniViGUBlock(nn.Module):
+    """A Wan block whose FFN is routed by modality; attention, cross-attention, norms and the
+    modulation table are shared by both streams."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        dim = cfg.inner_dim
+        self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.attn1 = WanAttention(dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.eps)
+        self.attn2 = WanAttention(dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.eps)
+        self.norm2 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.ffn = FeedForward(dim, cfg.ffn_dim)
+        self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        if cfg.vocab_size > 0:
+            self.text_ffn = FeedForward(dim, cfg.text_ffn_dim or cfg.ffn_dim)
+
+    def forward(self, streams: list[tuple[torch.Tensor, torch.Tensor, str]], context: torch.Tensor,
+                rope: tuple | None, mask: torch.Tensor | None,
+                prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Run one block over the token streams present.
+
+        Args:
+            streams: [(hidden [B, n, D], modulation [B, 6, D], "video" | "text")] in sequence order.
+            context: projected prompt embedding [B, Lc, D].
+            rope: (cos, sin, pairing) tables for the concatenated streams.
+            mask: [B, 1, S, S_keys] bool attention mask or None.
+            prefix_kv: cached keys/values of a clean modality, prepended to the keys.
+
+        Returns:
+            (new hidden states per stream, (keys, values) of the processed tokens).
+        """
+        mods = [(self.scale_shift_table + mod.float()).chunk(6, dim=1) for _, mod, _ in streams]
+        sizes = [h.shape[1] for h, _, _ in streams]
+
+        normed = [(self.norm1(h) * (1 + m[1]) + m[0]).type_as(h) for (h, _, _), m in zip(streams, mods)]
+        x = torch.cat(normed, dim=1)
+        q = self.attn1.project_q(x, rope)
+        k, v = self.attn1.project_kv(x, rope)
+        new_kv = (k, v)
+        if prefix_kv is not None:
+            k, v = torch.cat([prefix_kv[0], k], dim=1), torch.cat([prefix_kv[1], v], dim=1)
+        attn = self.attn1.attend(q, k, v, mask).split(sizes, dim=1)
+        hidden = [(h.float() + a * m[2]).type_as(h) for (h, _, _), a, m in zip(streams, attn, mods)]
+
+        x = torch.cat(hidden, dim=1)
+        x = x + self.attn2(self.norm2(x).type_as(x), context=context)
+        hidden = list(x.split(sizes, dim=1))
+
+        out = []
+        for h, (_, _, kind), m in zip(hidden, streams, mods):
+            ffn = self.ffn if kind == "video" else self.text_ffn
+            y = ffn((self.norm3(h) * (1 + m[4]) + m[3]).type_as(h))
+            out.append((h.float() + y.float() * m[5]).type_as(h))
+        return out, new_kv
+
+
+@dataclass
+class ModalityCache:
+    """Per-layer keys/values of a clean modality plus what a noisy step needs to reuse."""
+
+    clean: str
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    context: torch.Tensor | None = None
+    rope: tuple | None = None  # tables of the clean tokens (for ordering the joint sequence)
+    num_tokens: int = 0
+    grid: tuple[int, int, int] | None = None
+
+
+class UniViGUTransformer(nn.Module):
+    """Wan2.1 DiT + text stream. With `vocab_size == 0` it is exactly the video backbone."""
+
+    _no_split_modules = ["UniViGUBlock"]
+
+    def __init__(self, config: TransformerConfig | None = None, **overrides):
+        super().__init__()
+        if config is None:
+            config = TransformerConfig()
+        if overrides:
+            config = from_dict(TransformerConfig, {**to_dict(config), **overrides})
+        if config.attention_head_dim % 2:
+            raise ModelInputError(f"attention_head_dim must be even, got {config.attention_head_dim}")
+        self.config = config
+        self.gradient_checkpointing = False
+        dim = config.inner_dim
+        p = tuple(config.patch_size)
+        self.patch_embedding = nn.Conv3d(config.in_channels, dim, kernel_size=p, stride=p)
+        self.condition_embedder = ConditionEmbedder(dim, config.freq_dim, config.text_dim)
+        self.blocks = nn.ModuleList([UniViGUBlock(config) for _ in range(config.num_layers)])
+        self.norm_out = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, config.out_channels * p[0] * p[1] * p[2])
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.text_stream = TextStream(config) if config.vocab_size > 0 else None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init / properties
+    def reset_parameters(self) -> None:
+        """Wan's initialisation: Xavier linears, zero biases, N(0, 0.02) embeddings, zero heads."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        ce = self.condition_embedder
+        for lin in (ce.time_embedder.linear_1, ce.time_embedder.linear_2, ce.text_embedder.linear_1,
+                    ce.text_embedder.linear_2):
+            nn.init.normal_(lin.weight, std=0.02)
+        nn.init.zeros_(self.proj_out.weight)
+        if self.text_stream is not None:
+            ts = self.text_stream
+            nn.init.normal_(ts.token_embedding.weight, std=0.02)
+            for lin in (ts.time_embedder.linear_1, ts.time_embedder.linear_2):
+                nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(ts.proj_out.weight)
+
+    @property
+    def has_text_stream(self) -> bool:
+        return self.text_stream is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    # ------------------------------------------------------------------ input checks
+    def _check_timestep(self, t, batch: int, name: str) -> torch.Tensor:
+        if t is None:
+            raise ModelInputError(f"{name} is required")
+        t = torch.as_tensor(t, dtype=torch.float32, device=self.device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ModelInputError(f"{name} must have shape [{batch}] (one per sample), got {list(t.shape)}")
+        if not torch.isfinite(t).all() or (t < 0).any() or (t > 1000).any():
+            raise ModelInputError(f"{name} must lie in [0, 1000] (1000 = pure noise), got {t.tolist()}")
+        return t
+
+    def _check_video(self, video: torch.Tensor) -> tuple[int, int, int]:
+        cfg = self.config
+        if video.ndim != 5:
+            raise ModelInputError(f"video latents must be [B, C, F, H, W], got shape {list(video.shape)}")
+        if video.shape[1] != cfg.in_channels:
+            raise ModelInputError(f"video latents have {video.shape[1]} channels, the model expects {cfg.in_channels}")
+        pt, ph, pw = cfg.patch_size
+        f, h, w = video.shape[2:]
+        if f % pt or h % ph or w % pw:
+            raise ModelInputError(
+                f"latent frames/height/width {f}x{h}x{w} must be divisible by the patch size {tuple(cfg.patch_size)}")
+        return f // pt, h // ph, w // pw
+
+    def _check_text(self, text: torch.Tensor) -> None:
+        if self.text_stream is None:
+            raise ModelInputError("this model has no text stream (vocab_size=0); pass text=None")
+        if text.ndim != 2 or text.dtype not in (torch.int64, torch.int32):
+            raise ModelInputError(f"text must be integer token ids [B, L], got {text.dtype} {list(text.shape)}")
+        if text.shape[1] > self.config.text_length:
+            raise ModelInputError(f"text has {text.shape[1]} tokens, longer than the canvas L={self.config.text_length}")
+        limit = self.config.vocab_size + int(self.config.mask_token)
+        if text.numel() and (text.min() < 0 or text.max() >= limit):
+            raise ModelInputError(f"token ids must lie in [0, {limit}), got min {int(text.min())} max {int(text.max())}")
+
+    def _check_condition(self, condition: torch.Tensor, batch: int) -> None:
+        if condition is None:
+            raise ModelInputError("condition (prompt embedding [B, Lc, text_dim]) is required")
+        if condition.ndim != 3 or condition.shape[0] != batch or condition.shape[2] != self.config.text_dim:
+            raise ModelInputError(
+                f"condition must be [{batch}, Lc, {self.config.text_dim}], got {list(condition.shape)}")
+
+    # ------------------------------------------------------------------ stream helpers
+    def _embed_video(self, video, t_video):
+        grid = self._check_video(video)
+        hv = self.patch_embedding(video).flatten(2).transpose(1, 2)
+        temb, mod = _time_modulation(t_video, self.config.freq_dim, self.condition_embedder.time_embedder,
+                                     self.condition_embedder.time_proj)
+        cos, sin = video_rope(grid, self.config.attention_head_dim, device=video.device)
+        rope = (cos, sin, torch.zeros(cos.shape[0], device=video.device))
+        return hv, temb, mod, rope, grid
+
+    def _embed_text(self, text, t_text):
+        ts = self.text_stream
+        ht = ts.token_embedding(text)
+        temb, mod = _time_modulation(t_text, self.config.freq_dim, ts.time_embedder, ts.time_proj)
+        tables = text_rope(text.shape[1], self.config.attention_head_dim, self.config.text_rope_theta,
+                           self.config.text_rope, device=text.device)
+        if tables is None:  # no rotation: identity tables
+            d = self.config.attention_head_dim
+            tables = (torch.ones(text.shape[1], d, device=text.device), torch.zeros(text.shape[1], d, device=text.device))
+        pairing = torch.full((text.shape[1],), float(self.config.text_rope == "rotate_half"), device=text.device)
+        return ht, temb, mod, (*tables, pairing)
+
+    def _video_head(self, hv, temb, grid, batch):
+        shift, scale = (self.scale_shift_table + temb.float()[:, None]).chunk(2, dim=1)
+        x = self.proj_out((self.norm_out(hv) * (1 + scale) + shift).type_as(hv))
+        cfg = self.config
+        pt, ph, pw = cfg.patch_size
+        f, h, w = grid
+        x = x.reshape(batch, f, h, w, pt, ph, pw, cfg.out_channels)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(batch, cfg.out_channels, f * pt, h * ph, w * pw).float()
+
+    def _text_head(self, ht, temb):
+        ts = self.text_stream
+        shift, scale = (ts.scale_shift_table + temb.float()[:, None]).chunk(2, dim=1)
+        return ts.proj_out((ts.norm_out(ht) * (1 + scale) + shift).type_as(ht)).float()
+
+    def _run_blocks(self, streams, context, rope, mask, prefix=None, store: ModalityCache | None = None):
+        for i, block in enumerate(self.blocks):
+            kv = None if prefix is None else (prefix.keys[i], prefix.values[i])
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                hidden, new_kv = checkpoint(block, streams, context, rope, mask, kv, use_reentrant=False)
+            else:
+                hidden, new_kv = block(streams, context, rope, mask, kv)
+            streams = [(h, mod, kind) for h, (_, mod, kind) in zip(hidden, streams)]
+            if store is not None:
+                store.keys.append(new_kv[0])
+                store.values.append(new_kv[1])
+        return [h for h, _, _ in streams]
+
+    @staticmethod
+    def _cat_rope(*ropes):
+        ropes = [r for r in ropes if r is not None]
+        return tuple(torch.cat(parts, dim=0) for parts in zip(*ropes))
+
+    def _isolation_mask(self, n_video, n_text, t_video, t_text) -> torch.Tensor | None:
+        """clean_isolated: a modality at timestep 0 does not attend to the other (per sample)."""
+        if self.config.attention_policy != "clean_isolated" or n_video == 0 or n_text == 0:
+            return None
+        video_clean, text_clean = t_video == 0, t_text == 0
+        if not (video_clean.any() or text_clean.any()):
+            return None
+        s = n_video + n_text
+        is_video = torch.arange(s, device=t_video.device) < n_video
+        cross = is_video[:, None] != is_video[None, :]  # query/key from different modalities
+        query_clean = torch.where(is_video[None, :], video_clean[:, None], text_clean[:, None])  # [B, S]
+        blocked = cross[None] & query_clean[:, :, None]
+        return (~blocked)[:, None]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, video: torch.Tensor | None, text: torch.Tensor | None = None,
+                video_timestep: torch.Tensor | None = None, text_timestep: torch.Tensor | None = None,
+                condition: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Joint forward.
+
+        Args:
+            video: latents [B, C, F, H, W], or None to run the text stream alone (text guidance).
+            text: token ids [B, L] (L <= text_length), or None / L == 0 for video only.
+            video_timestep, text_timestep: [B] floats in [0, 1000], 1000 = pure noise.
+            condition: prompt embedding [B, Lc, text_dim].
+
+        Returns:
+            (velocity [B, C, F, H, W] or None, logits [B, L, vocab_size] or None), both fp32.
+        """
+        if text is not None and text.shape[-1] == 0:
+            text = None
+        if video is None and text is None:
+            raise ModelInputError("give video latents, text tokens or both")
+        if text is not None:
+            self._check_text(text)
+        batch = video.shape[0] if video is not None else text.shape[0]
+        if video is not None and text is not None and text.shape[0] != batch:
+            raise ModelInputError(f"video batch {batch} and text batch {text.shape[0]} differ")
+        self._check_condition(condition, batch)
+        context = self.condition_embedder.text_embedder(condition)
+
+        streams, ropes = [], []
+        n_video = n_text = 0
+        if video is not None:
+            t_video = self._check_timestep(video_timestep, batch, "video_timestep")
+            hv, temb_v, mod_v, rope_v, grid = self._embed_video(video, t_video)
+            streams.append((hv, mod_v, "video"))
+            ropes.append(rope_v)
+            n_video = hv.shape[1]
+        if text is not None:
+            t_text = self._check_timestep(text_timestep, batch, "text_timestep")
+            ht, temb_t, mod_t, rope_t = self._embed_text(text, t_text)
+            streams.append((ht, mod_t, "text"))
+            ropes.append(rope_t)
+            n_text = ht.shape[1]
+        mask = None
+        if n_video and n_text:
+            mask = self._isolation_mask(n_video, n_text, t_video, t_text)
+        hidden = self._run_blocks(streams, context, self._cat_rope(*ropes), mask)
+
+        velocity = logits = None
+        if video is not None:
+            velocity = self._video_head(hidden[0], temb_v, grid, batch)
+        if text is not None:
+            logits = self._text_head(hidden[-1], temb_t)
+        return velocity, logits
+
+    # ------------------------------------------------------------------ cached sampling protocol
+    def supports_cache(self, clean: str = "video") -> bool:
+        return self.config.attention_policy == "clean_isolated" and (clean == "video" or self.has_text_stream)
+
+    def prefill(self, clean: str, video: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                condition: torch.Tensor | None = None) -> ModalityCache:
+        """Run the clean modality once (timestep 0) and keep its per-layer keys/values.
+
+        Only exact under `clean_isolated`, where clean tokens never attend to the noisy ones.
+        """
+        if self.config.attention_policy != "clean_isolated":
+            raise ModelInputError(
+                "prefill needs attention_policy='clean_isolated': under 'full' clean tokens attend to the "
+                "noisy ones, so their keys/values change every step and cannot be cached")
+        if clean not in ("video", "text"):
+            raise ModelInputError(f"clean must be 'video' or 'text', got {clean!r}")
+        source = video if clean == "video" else text
+        if source is None:
+            raise ModelInputError(f"prefill(clean={clean!r}) needs the {clean} input")
+        if clean == "text":
+            self._check_text(source)
+        batch = source.shape[0]
+        self._check_condition(condition, batch)
+        cache = ModalityCache(clean=clean, context=self.condition_embedder.text_embedder(condition))
+        zeros = torch.zeros(batch, device=source.device)
+        if clean == "video":
+            h, _, mod, rope, cache.grid = self._embed_video(source, zeros)
+            kind = "video"
+        else:
+            h, _, mod, rope = self._embed_text(source, zeros)
+            kind = "text"
+        cache.rope, cache.num_tokens = rope, h.shape[1]
+        self._run_blocks([(h, mod, kind)], cache.context, rope, None, store=cache)
+        return cache
+
+    def step_text(self, text: torch.Tensor, text_timestep: torch.Tensor, cache: ModalityCache) -> torch.Tensor:
+        """Text logits for noisy text attending to a cached clean video."""
+        if cache.clean != "video":
+            raise ModelInputError("step_text needs a cache of the clean video (prefill(clean='video'))")
+        self._check_text(text)
+        t = self._check_timestep(text_timestep, text.shape[0], "text_timestep")
+        ht, temb, mod, rope = self._embed_text(text, t)
+        (ht,) = self._run_blocks([(ht, mod, "text")], cache.context, rope, None, prefix=cache)
+        return self._text_head(ht, temb)
+
+    def step_video(self, video: torch.Tensor, video_timestep: torch.Tensor, cache: ModalityCache) -> torch.Tensor:
+        """Video velocity for noisy video attending to cached clean text."""
+        if cache.clean != "text":
+            raise ModelInputError("step_video needs a cache of the clean text (prefill(clean='text'))")
+        t = self._check_timestep(video_timestep, video.shape[0], "video_timestep")
+        hv, temb, mod, rope, grid = self._embed_video(video, t)
+        (hv,) = self._run_blocks([(hv, mod, "video")], cache.context, rope, None, prefix=cache)
+        return self._video_head(hv, temb, grid, video.shape[0])
+
+    # ------------------------------------------------------------------ parameter groups
+    def parameter_group(self, name: str) -> str:
+        """Which group a parameter belongs to: 'video' (the pretrained prior's own parts),
+        'text' (new text-only parts) or 'shared' (attention, cross-attention, block modulation
+        and the prompt projection, used by both streams)."""
+        if name.startswith("text_stream.") or ".text_ffn." in name:
+            return "text"
+        if name.startswith("blocks.") and any(
+                f".{part}" in name for part in ("attn1.", "attn2.", "norm2.", "scale_shift_table")):
+            return "shared"
+        if name.startswith("condition_embedder.text_embedder."):
+            return "shared"
+        return "video"
+
+    def set_trainable(self, groups: set[str] | str) -> None:
+        """Freeze every parameter outside `groups` ({'video', 'text', 'shared'} or 'all')."""
+        if groups == "all":
+            groups = {"video", "text", "shared"}
+        unknown = set(groups) - {"video", "text", "shared"}
+        if unknown:
+            raise ValueError(f"unknown parameter group(s) {sorted(unknown)}; use video, text, shared")
+        for name, param in self.named_parameters():
+            param.requires_grad_(self.parameter_group(name) in groups)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp))
+        tmp.replace(directory / WEIGHTS_NAME)
+        (directory / CONFIG_NAME).write_text(json.dumps(
+            {"_class_name": "UniViGUTransformer", **to_dict(self.config)}, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "UniViGUTransformer":
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+        data = json.loads(config_path.read_text())
+        data.pop("_class_name", None)
+        model = cls(from_dict(TransformerConfig, data))
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {directory} does not match its config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return model.to(device)
