@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -78,6 +78,11 @@ def _time_modulation(t: torch.Tensor, freq_dim: int, embedder: TimestepEmbedding
     return temb, mod.unflatten(1, (6, -1))
 
 
+def _cat_tokens(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate streams along the tokens; a lone stream is passed through (no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 class UniViGUBlock(nn.Module):
     """A Wan block whose FFN is routed by modality; attention, cross-attention, norms and the
     modulation table are shared by both streams."""
@@ -114,7 +119,7 @@ class UniViGUBlock(nn.Module):
         sizes = [h.shape[1] for h, _, _ in streams]
 
         normed = [(self.norm1(h) * (1 + m[1]) + m[0]).type_as(h) for (h, _, _), m in zip(streams, mods)]
-        x = torch.cat(normed, dim=1)
+        x = _cat_tokens(normed)
         q = self.attn1.project_q(x, rope)
         k, v = self.attn1.project_kv(x, rope)
         new_kv = (k, v)
@@ -123,7 +128,7 @@ class UniViGUBlock(nn.Module):
         attn = self.attn1.attend(q, k, v, mask).split(sizes, dim=1)
         hidden = [(h.float() + a * m[2]).type_as(h) for (h, _, _), a, m in zip(streams, attn, mods)]
 
-        x = torch.cat(hidden, dim=1)
+        x = _cat_tokens(hidden)
         x = x + self.attn2(self.norm2(x).type_as(x), context=context)
         hidden = list(x.split(sizes, dim=1))
 
@@ -257,7 +262,7 @@ class UniViGUTransformer(nn.Module):
         temb, mod = _time_modulation(t_video, self.config.freq_dim, self.condition_embedder.time_embedder,
                                      self.condition_embedder.time_proj)
         cos, sin = video_rope(grid, self.config.attention_head_dim, device=video.device)
-        rope = (cos, sin, torch.zeros(cos.shape[0], device=video.device))
+        rope = (cos, sin, None)  # pairing None: every token interleaved (apply_rope's fast path)
         return hv, temb, mod, rope, grid
 
     def _embed_text(self, text, t_text):
@@ -269,7 +274,8 @@ class UniViGUTransformer(nn.Module):
         if tables is None:  # no rotation: identity tables
             d = self.config.attention_head_dim
             tables = (torch.ones(text.shape[1], d, device=text.device), torch.zeros(text.shape[1], d, device=text.device))
-        pairing = torch.full((text.shape[1],), float(self.config.text_rope == "rotate_half"), device=text.device)
+        pairing = (torch.ones(text.shape[1], device=text.device) if self.config.text_rope == "rotate_half"
+                   else None)  # None: interleaved, like video
         return ht, temb, mod, (*tables, pairing)
 
     def _video_head(self, hv, temb, grid, batch):
@@ -302,7 +308,14 @@ class UniViGUTransformer(nn.Module):
     @staticmethod
     def _cat_rope(*ropes):
         ropes = [r for r in ropes if r is not None]
-        return tuple(torch.cat(parts, dim=0) for parts in zip(*ropes))
+        if len(ropes) == 1:
+            return ropes[0]
+        cos, sin = (torch.cat([r[i] for r in ropes], dim=0) for i in (0, 1))
+        if all(r[2] is None for r in ropes):
+            return cos, sin, None
+        pairing = torch.cat([r[2] if r[2] is not None else torch.zeros(r[0].shape[0], device=r[0].device)
+                             for r in ropes])
+        return cos, sin, pairing
 
     def _isolation_mask(self, n_video, n_text, t_video, t_text) -> torch.Tensor | None:
         """clean_isolated: a modality at timestep 0 does not attend to the other (per sample)."""
@@ -406,23 +419,44 @@ class UniViGUTransformer(nn.Module):
         self._run_blocks([(h, mod, kind)], cache.context, rope, None, store=cache)
         return cache
 
+    @staticmethod
+    def _check_cache_batch(batch: int, cache: ModalityCache) -> None:
+        cached = cache.context.shape[0]
+        if batch != cached:
+            raise ModelInputError(f"batch of {batch} does not match the cache's batch of {cached}")
+
+    @staticmethod
+    def _prefix_mask(t: torch.Tensor, n: int, n_prefix: int) -> torch.Tensor | None:
+        """Samples whose stepped modality is itself clean (t == 0) must not see the cached one,
+        as in `forward` under clean_isolated; keys are ordered [cached; own]."""
+        clean = t == 0
+        if not clean.any():
+            return None
+        keep = torch.ones(t.shape[0], 1, n, n_prefix + n, dtype=torch.bool, device=t.device)
+        keep[clean, :, :, :n_prefix] = False
+        return keep
+
     def step_text(self, text: torch.Tensor, text_timestep: torch.Tensor, cache: ModalityCache) -> torch.Tensor:
         """Text logits for noisy text attending to a cached clean video."""
         if cache.clean != "video":
             raise ModelInputError("step_text needs a cache of the clean video (prefill(clean='video'))")
         self._check_text(text)
+        self._check_cache_batch(text.shape[0], cache)
         t = self._check_timestep(text_timestep, text.shape[0], "text_timestep")
         ht, temb, mod, rope = self._embed_text(text, t)
-        (ht,) = self._run_blocks([(ht, mod, "text")], cache.context, rope, None, prefix=cache)
+        mask = self._prefix_mask(t, ht.shape[1], cache.num_tokens)
+        (ht,) = self._run_blocks([(ht, mod, "text")], cache.context, rope, mask, prefix=cache)
         return self._text_head(ht, temb)
 
     def step_video(self, video: torch.Tensor, video_timestep: torch.Tensor, cache: ModalityCache) -> torch.Tensor:
         """Video velocity for noisy video attending to cached clean text."""
         if cache.clean != "text":
             raise ModelInputError("step_video needs a cache of the clean text (prefill(clean='text'))")
+        self._check_cache_batch(video.shape[0], cache)
         t = self._check_timestep(video_timestep, video.shape[0], "video_timestep")
         hv, temb, mod, rope, grid = self._embed_video(video, t)
-        (hv,) = self._run_blocks([(hv, mod, "video")], cache.context, rope, None, prefix=cache)
+        mask = self._prefix_mask(t, hv.shape[1], cache.num_tokens)
+        (hv,) = self._run_blocks([(hv, mod, "video")], cache.context, rope, mask, prefix=cache)
         return self._video_head(hv, temb, grid, video.shape[0])
 
     # ------------------------------------------------------------------ parameter groups
@@ -468,10 +502,11 @@ class UniViGUTransformer(nn.Module):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
         data = json.loads(config_path.read_text())
         data.pop("_class_name", None)
+        # convert.py imports this module, so import its checkpoint helpers lazily.
+        from .convert import check_state_dict, load_state_dict_from_dir
+
         model = cls(from_dict(TransformerConfig, data))
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {directory} does not match its config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        state = load_state_dict_from_dir(directory, device=device)  # single file or sharded + index
+        check_state_dict(model, state, str(directory))  # CheckpointError naming missing/unexpected keys
+        model.load_state_dict(state)
         return model.to(device)

@@ -1,0 +1,175 @@
+"""Speed of our video backbone against diffusers' WanTransformer3DModel at identical configs.
+
+Both models hold the same weights (ours is loaded from the diffusers state dict, whose names it
+shares) and see the same inputs. For every case, precision (fp32, bf16 autocast) and mode
+(forward, forward+backward) the two run alternately in one process -- ours first on even
+repetitions, diffusers first on odd ones, so drift in machine load hits both -- and we report the
+median of the timed repetitions after warm-up, and the ratio ours / diffusers (< 1: ours is faster).
+
+    python benchmarks/bench_backbone.py            # full run
+    python benchmarks/bench_backbone.py --quick    # fewer repetitions
+Writes benchmarks/results/backbone_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from univigu.config import TransformerConfig
+from univigu.models.convert import config_to_diffusers
+from univigu.models.transformer import UniViGUTransformer
+
+# name -> (diffusers/our config fields, latent (C, F, H, W), batch, condition length)
+CASES = {
+    "tiny": (dict(num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16, text_dim=64,
+                  freq_dim=64, ffn_dim=128, num_layers=2), (16, 3, 8, 8), 4, 16),
+    "small": (dict(num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16, text_dim=384,
+                   freq_dim=256, ffn_dim=1024, num_layers=6), (16, 5, 16, 16), 8, 32),
+    # One block of Wan2.1-T2V-1.3B (12 heads x 128, FFN 8960, UMT5 width 4096), few tokens.
+    "wan1.3b_block": (dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                           text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=1), (16, 2, 16, 16), 2, 64),
+}
+
+
+def build_pair(fields: dict, device: torch.device, seed: int = 0):
+    """(ours, diffusers) with identical weights."""
+    from diffusers import WanTransformer3DModel
+
+    config = TransformerConfig(**fields)
+    diffusers_fields = {k: v for k, v in config_to_diffusers(config).items() if not k.startswith("_")}
+    torch.manual_seed(seed)
+    reference = WanTransformer3DModel(**diffusers_fields)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # random everywhere (the zero-init head would make the output trivial)
+        for param in reference.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    ours = UniViGUTransformer(config)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    return ours.to(device), reference.to(device)
+
+
+def make_inputs(config: TransformerConfig, latent, batch, condition_length, device, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    video = torch.randn(batch, *latent, generator=gen).to(device)
+    timestep = torch.linspace(10.0, 990.0, batch).to(device)
+    condition = torch.randn(batch, condition_length, config.text_dim, generator=gen).to(device)
+    return video, timestep, condition
+
+
+def runner(model, is_ours: bool, inputs, backward: bool):
+    video, timestep, condition = inputs
+
+    def run():
+        if is_ours:
+            out = model(video, None, timestep, None, condition)[0]
+        else:
+            out = model(hidden_states=video, timestep=timestep, encoder_hidden_states=condition,
+                        return_dict=False)[0]
+        if backward:
+            out.float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
+        return out
+
+    return run
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_case(name, device, precisions, modes, warmup, repeats):
+    fields, latent, batch, condition_length = CASES[name]
+    ours, reference = build_pair(fields, device)
+    inputs = make_inputs(ours.config, latent, batch, condition_length, device)
+    tokens = latent[1] * latent[2] * latent[3] // 4
+    rows = []
+    for precision in precisions:
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                    else nullcontext())
+        # Sanity: both compute the same function (loose in bf16, where rounding differs).
+        with torch.no_grad(), autocast:
+            a = runner(ours, True, inputs, False)().float()
+            b = runner(reference, False, inputs, False)().float()
+        rel_diff = float((a - b).norm() / b.norm())
+        for mode in modes:
+            backward = mode == "forward_backward"
+            for m in (ours, reference):
+                m.train(backward)
+            grad = nullcontext() if backward else torch.no_grad()
+            fns = {"ours": runner(ours, True, inputs, backward), "diffusers": runner(reference, False, inputs, backward)}
+            times = {"ours": [], "diffusers": []}
+            with grad, autocast:
+                for _ in range(warmup):
+                    for fn in fns.values():
+                        fn()
+                for rep in range(repeats):
+                    order = ("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours")
+                    for who in order:
+                        times[who].append(timed(fns[who], device))
+            ours_s, diff_s = statistics.median(times["ours"]), statistics.median(times["diffusers"])
+            row = dict(case=name, precision=precision, mode=mode, batch=batch, video_tokens=tokens,
+                       ours_s=ours_s, diffusers_s=diff_s, ratio=ours_s / diff_s, output_rel_diff=rel_diff,
+                       ours_all_s=times["ours"], diffusers_all_s=times["diffusers"])
+            rows.append(row)
+            print(f"{name:14s} {precision:5s} {mode:17s} ours {ours_s * 1e3:9.1f} ms  diffusers "
+                  f"{diff_s * 1e3:9.1f} ms  ratio {row['ratio']:.3f}  (rel diff {rel_diff:.1e})", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (5 timed, 1 warm-up)")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--modes", nargs="+", default=["forward", "forward_backward"],
+                        choices=["forward", "forward_backward"])
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (median of these)")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "backbone_speed.json"))
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 11)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    if repeats < 5:
+        parser.error("--repeats must be >= 5 (the median of fewer says little)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    import diffusers
+
+    rows = []
+    for name in args.cases:
+        rows += bench_case(name, device, args.precisions, args.modes, warmup, repeats)
+    result = {
+        "benchmark": "video backbone: univigu UniViGUTransformer (vocab_size=0) vs diffusers WanTransformer3DModel",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "repeats": repeats, "warmup": warmup,
+        "cases": {name: dict(config=CASES[name][0], latent=CASES[name][1], batch=CASES[name][2],
+                             condition_length=CASES[name][3]) for name in args.cases},
+        "results": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Subcommands of the `univigu` CLI: each module exposes `register(subparsers)`."""
