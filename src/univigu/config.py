@@ -299,14 +299,30 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """A YAML file path, or the name of a shipped preset (`univigu/presets/NAME.yaml`)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    preset = PRESETS_DIR / f"{path.stem}.yaml"
+    if preset.is_file() and path.parent == Path("."):
+        return preset
+    raise ConfigError(f"config file not found: {path} (shipped presets: {', '.join(list_presets())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 cls: type = ExperimentConfig) -> Any:
     """Load a YAML config (or the defaults when `path` is None), apply overrides, validate."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_preset(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

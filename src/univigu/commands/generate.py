@@ -1,0 +1,177 @@
+"""`univigu generate`: text-to-video with Wan2.1's flag names. Also holds the helpers the other
+inference commands (`caption`, `joint`) share: runtime flags, sizes, loading and writing."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  univigu generate --prompt "a small red circle moves to the left" --ckpt_dir runs/unified/model
+  univigu generate --prompt "a large blue square moves up" --ckpt_dir runs/unified/model \\
+      --size 32*32 --frame_num 9 --sample_steps 30 --sample_shift 3 --sample_solver dpmpp2m \\
+      --sample_guide_scale 4 --base_seed 7 --save_file square.mp4 --gif square.gif \\
+      --contact_sheet square.png --with_caption
+
+Defaults (size, frame count, steps, shift, solver, guidance) come from the model directory
+(world.json and sampler.json). The video is written losslessly (H.264 crf 0, yuv444p).
+"""
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")
+SOLVERS = ("euler", "heun", "dpmpp2m", "dpm++")
+
+
+class CommandError(ValueError):
+    """Bad command-line input (one line, printed by `univigu`)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Shared flags and helpers
+# --------------------------------------------------------------------------------------------
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--ckpt_dir, --device, --dtype, --no-progress."""
+    parser.add_argument("--ckpt_dir", required=True, metavar="DIR",
+                        help="model directory (training output or UniViGUPipeline.save_pretrained)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="compute dtype (default auto: bf16 on CUDA / AVX-512 CPUs, else fp32)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_video_args(parser: argparse.ArgumentParser, solver: bool = True) -> None:
+    """Video size and video sampler flags (Wan2.1's names)."""
+    parser.add_argument("--size", default=None, metavar="W*H",
+                        help="frame size width*height, e.g. 32*32 ('x' works too; default: the model's)")
+    parser.add_argument("--frame_num", type=int, default=None, metavar="F",
+                        help="number of frames (default: the model's; Wan VAE needs 4n+1)")
+    if solver:
+        parser.add_argument("--sample_steps", type=int, default=None, metavar="N", help="sampling steps")
+        parser.add_argument("--sample_shift", type=float, default=None, metavar="S",
+                            help="timestep shift of the sampling grid (Wan: 3 to 12)")
+        parser.add_argument("--sample_solver", default=None, choices=SOLVERS,
+                            help="video ODE solver (dpm++ = dpmpp2m)")
+        parser.add_argument("--sample_guide_scale", type=float, default=None, metavar="G",
+                            help="classifier-free guidance scale of the video (1 = off)")
+        parser.add_argument("--negative_prompt", default=None, metavar="TEXT",
+                            help="replaces the null condition in the guidance branch")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--save_file", default=None, metavar="PATH.mp4",
+                        help="output video (default: a name made from the prompt, in the current folder)")
+    parser.add_argument("--gif", default=None, metavar="PATH.gif", help="also write an animated GIF")
+    parser.add_argument("--contact_sheet", default=None, metavar="PATH.png",
+                        help="also write a PNG with one column per frame")
+    parser.add_argument("--fps", type=int, default=None, help="frame rate of the files (default: the model's)")
+
+
+def parse_size(text: str | None) -> tuple[int | None, int | None]:
+    """'W*H' (or 'WxH') -> (width, height); None -> (None, None)."""
+    if text is None:
+        return None, None
+    match = re.fullmatch(r"\s*(\d+)\s*[*xX]\s*(\d+)\s*", text)
+    if not match:
+        raise CommandError(f"--size must look like WIDTH*HEIGHT (e.g. 32*32), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_prompt(prompt: str) -> str:
+    if not prompt.strip():
+        raise CommandError("--prompt is empty: describe the video to generate")
+    return prompt
+
+
+def resolve_seed(seed: int) -> int:
+    """Wan's convention: a negative seed means a random one."""
+    return random.randrange(2**31) if seed < 0 else seed
+
+
+def default_save_file(prompt: str, width: int, height: int, frames: int, seed: int, task: str) -> Path:
+    slug = re.sub(r"[^0-9a-zA-Z]+", "_", prompt.strip()).strip("_")[:50] or "video"
+    return Path(f"{task}_{slug}_{width}x{height}_{frames}f_seed{seed}.mp4")
+
+
+def check_outputs(args) -> None:
+    """Fail on bad output names before any model work."""
+    if args.save_file is not None and Path(args.save_file).suffix.lower() not in VIDEO_SUFFIXES:
+        raise CommandError(f"--save_file must end in {', '.join(VIDEO_SUFFIXES)}, got {args.save_file}")
+    if args.gif is not None and Path(args.gif).suffix.lower() != ".gif":
+        raise CommandError(f"--gif must end in .gif, got {args.gif}")
+    if args.contact_sheet is not None and Path(args.contact_sheet).suffix.lower() != ".png":
+        raise CommandError(f"--contact_sheet must end in .png, got {args.contact_sheet}")
+    if args.fps is not None and args.fps < 1:
+        raise CommandError(f"--fps must be at least 1, got {args.fps}")
+
+
+def load_pipeline(args):
+    """The pipeline of --ckpt_dir on --device / --dtype, with progress bars unless --no-progress."""
+    from univigu.pipeline import UniViGUPipeline
+
+    directory = Path(args.ckpt_dir)
+    if not directory.is_dir():
+        raise CommandError(f"model directory not found: {directory}" if not directory.exists()
+                           else f"--ckpt_dir must be a model directory, got a file: {directory}")
+    return UniViGUPipeline.from_pretrained(directory, device=args.device, dtype=args.dtype,
+                                           progress=not args.no_progress)
+
+
+def write_outputs(args, pipe, frames, prompt: str, seed: int, task: str) -> Path:
+    """Write the video (and GIF / contact sheet on request); print and return the video path."""
+    from univigu.data.video_io import contact_sheet, write_gif, write_video
+
+    fps = args.fps or pipe.world.fps
+    f, h, w = frames.shape[:3]
+    path = Path(args.save_file) if args.save_file else default_save_file(prompt, w, h, f, seed, task)
+    write_video(path, frames, fps=fps)
+    print(f"video: {path}")
+    if args.gif:
+        write_gif(args.gif, frames, fps=fps)
+        print(f"gif: {args.gif}")
+    if args.contact_sheet:
+        contact_sheet([frames], args.contact_sheet)
+        print(f"contact sheet: {args.contact_sheet}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="text-to-video: generate a video from a prompt",
+        description="Generate a video from a text prompt (T2V). The prompt conditions the model through "
+                    "the prompt encoder and, for unified models, also sits clean in the text stream.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", required=True, help="what the video shows")
+    add_model_args(parser)
+    add_video_args(parser)
+    parser.add_argument("--base_seed", type=int, default=0, metavar="K",
+                        help="random seed (default 0; negative = random)")
+    add_output_args(parser)
+    parser.add_argument("--with_caption", action="store_true",
+                        help="also caption the generated video with the model and print it")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = check_prompt(args.prompt)
+    width, height = parse_size(args.size)
+    check_outputs(args)
+    seed = resolve_seed(args.base_seed)
+    pipe = load_pipeline(args)
+    out = pipe.generate(prompt, num_frames=args.frame_num, height=height, width=width, steps=args.sample_steps,
+                        guidance_scale=args.sample_guide_scale, shift=args.sample_shift, solver=args.sample_solver,
+                        negative_prompt=args.negative_prompt, seed=seed, with_caption=args.with_caption)
+    write_outputs(args, pipe, out.frames[0], prompt, seed, "t2v")
+    if out.captions is not None:
+        print(f"caption: {out.captions[0]}")
+    if args.base_seed < 0:
+        print(f"seed: {seed}")
+    return 0
