@@ -168,8 +168,16 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500
     keep_last: int = 2
-    eval_every: int = 0  # 0 = only at the end
-    eval_samples: int = 64
+    eval_every: int = 0  # validation every N steps; 0 = only at the end
+    eval_samples: int = 64  # held-out samples for the fixed-noise losses and the ShapesWorld oracle
+    oracle_eval: bool = True  # ShapesWorld data: also sample T2V / V2T and score them with the oracle
+    best_metric: str = "val.loss"  # kept in output_dir/best; *loss* = lower is better, else higher
+    val_manifest: str | None = None  # held-out manifest for real data (ShapesWorld: its val split)
+    sample_every: int = 0  # sample GIFs + captions into output_dir/samples every N steps; 0 = never
+    num_samples: int = 4  # fixed prompts / videos per sample dump
+    tensorboard: bool = True  # also write TensorBoard scalars when tensorboard is installed
+    cache_dir: str | None = None  # latent / prompt-embedding cache; None = $UNIVIGU_CACHE_DIR or ~/.cache/univigu
+    buckets: list[tuple[int, int, int]] = field(default_factory=list)  # [width, height, frames]; [] = world size
 
 
 @dataclass

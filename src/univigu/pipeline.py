@@ -325,7 +325,7 @@ class UniViGUPipeline:
         try:
             self.codec.check_frames(frames, height, width, patch=max(ph, pw))
         except CodecError as err:
-            raise PipelineError(f"cannot make {frames} frames at {width}x{height}: {err}") from None
+            raise PipelineError(f"cannot make {frames} frames of width {width} and height {height}: {err}") from None
         latent_frames = self.codec.latent_frames(frames)
         if latent_frames % pt:
             raise PipelineError(f"cannot make {frames} frames: they give {latent_frames} latent frames, not "
@@ -374,7 +374,7 @@ class UniViGUPipeline:
                  width: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
                  shift: float | None = None, solver: str | None = None,
                  negative_prompt: str | Sequence[str] | None = None, seed: int | Sequence[int] = 0,
-                 with_caption: bool = False) -> GenerationOutput:
+                 with_caption: bool = False, stream_text: str | Sequence[str] | None = None) -> GenerationOutput:
         """Text-to-video for one prompt or a list of prompts.
 
         Args:
@@ -384,7 +384,10 @@ class UniViGUPipeline:
                 solver is euler, heun or dpmpp2m (Wan's "dpm++" is accepted).
             negative_prompt: replaces the null condition in the guidance branch.
             seed: an integer (sample i uses seed + i) or one seed per prompt.
-            with_caption: also caption each generated video with the model (V2T on its latents).
+            with_caption: also caption each generated video with the model (V2T on its latents,
+                with the same seeds).
+            stream_text: what the clean text stream holds (default: the prompt). A model trained
+                with Capability Refinement saw detailed captions there; give them when known.
         """
         prompts = _prompt_list(prompt)
         batch = len(prompts)
@@ -397,7 +400,10 @@ class UniViGUPipeline:
         text = None
         if self.has_text_stream:
             # T2V keeps the prompt in the clean text stream (DESIGN.md section 4).
-            text = self.tokenizer.encode(prompts, self.transformer.config.text_length, truncate=True)
+            texts = prompts if stream_text is None else _prompt_list(stream_text, "stream_text")
+            if len(texts) != batch:
+                raise PipelineError(f"got {len(texts)} stream texts for {batch} prompts")
+            text = self.tokenizer.encode(texts, self.transformer.config.text_length, truncate=True)
             text = text.to(self.device)
         condition = self.encode_prompts(prompts)
         negative = self._negative_condition(negative_prompt, batch)

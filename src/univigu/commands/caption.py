@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .generate import CommandError, add_model_args, add_video_args, parse_size
+from .generate import CommandError, add_model_args, add_video_args, load_pipeline, parse_size
 
 EPILOG = """\
 examples:
@@ -42,8 +42,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .generate import load_pipeline
-
     width, height = parse_size(args.size)
     if args.batch_size < 1:
         raise CommandError(f"--batch_size must be at least 1, got {args.batch_size}")

@@ -1,9 +1,17 @@
 """Atomic training checkpoints: write into a temporary folder, fsync, rename; keep the last N.
 
-A checkpoint folder `ckpt-00001000/` holds `model.safetensors`, `ema.safetensors`,
-`optimizer.pt` (tensors and plain containers only, loaded with `weights_only=True`) and
-`state.json` (step, scheduler, data position). A folder only gets its final name once every file
-in it is on disk, so a write killed half-way leaves the previous checkpoint as the latest one.
+A checkpoint folder `ckpt-00001000/` holds `state.json` (step, stage, config, format) and either
+
+* `format: "safetensors"` (one process): `model.safetensors`, `ema.safetensors`, `optimizer.pt`
+  (the optimizer state keyed by parameter names, tensors and plain containers only, loaded with
+  `weights_only=True`) and `rng.safetensors`;
+* `format: "dcp"` (torchrun + FSDP2): `dcp/` — model, optimizer and EMA shards written by every
+  rank with torch.distributed.checkpoint — and `rng-<rank>.safetensors`.
+
+Both resume under any number of processes: DCP reshards on load, and a safetensors checkpoint is
+scattered onto the shards. A folder only gets its final name once every file in it is on disk
+(`state.json` is written last), so a write killed half-way leaves the previous checkpoint as the
+newest complete one; stale temporary folders are removed by the next save.
 """
 
 from __future__ import annotations
@@ -11,12 +19,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 PREFIX = "ckpt-"
+TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(ValueError):
@@ -36,28 +46,45 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            _fsync_file(f)
+        elif f.is_dir():
+            _fsync_dir(f)
+    _fsync_dir(path)
+
+
 def _plain_state(state: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, ema_state: dict | None,
-                    optimizer_state: dict, state: dict, keep_last: int = 2) -> Path:
-    """Write checkpoint `step` atomically and prune all but the newest `keep_last`."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / f"{PREFIX}{step:08d}"
-    tmp = run_dir / f".tmp-{PREFIX}{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_plain_state(model_state), str(tmp / "model.safetensors"))
-    if ema_state is not None:
-        save_file(_plain_state(ema_state), str(tmp / "ema.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _paths(run_dir: Path, step: int) -> tuple[Path, Path]:
+    return run_dir / f"{PREFIX}{step:08d}", run_dir / f"{TMP_PREFIX}{PREFIX}{step:08d}"
+
+
+def _remove_stale_tmp(run_dir: Path) -> None:
+    for stale in run_dir.glob(f"{TMP_PREFIX}{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _publish(tmp: Path, final: Path, run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Write state.json last, fsync everything, rename into place, prune old checkpoints."""
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
+    _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -67,12 +94,35 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, ema_state
     return final
 
 
+# --------------------------------------------------------------------------------------------
+# One process: safetensors
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, ema_state: dict | None,
+                    optimizer_state: dict, state: dict, keep_last: int = 2) -> Path:
+    """Write checkpoint `step` atomically (safetensors format) and prune all but the newest `keep_last`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final, tmp = _paths(run_dir, step)
+    _remove_stale_tmp(run_dir)
+    tmp.mkdir()
+    save_file(_plain_state(model_state), str(tmp / "model.safetensors"))
+    if ema_state is not None:
+        save_file(_plain_state(ema_state), str(tmp / "ema.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    save_file(_rng_state(), str(tmp / "rng.safetensors"))
+    return _publish(tmp, final, run_dir, step, {"format": "safetensors", **state}, keep_last)
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    done = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    done = [p for p in run_dir.iterdir()
+            if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+            and (p / "state.json").is_file()]
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -81,15 +131,153 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """{'model', 'ema' (or None), 'optimizer', 'state'} of one checkpoint folder."""
+def read_state(path: str | Path) -> dict:
     path = Path(path)
     if not (path / "state.json").is_file():
         raise CheckpointError(f"{path} is not a complete training checkpoint (no state.json)")
+    try:
+        return json.loads((path / "state.json").read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}/state.json is not valid JSON: {err}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """{'model', 'ema' (or None), 'optimizer', 'state'} of one safetensors-format checkpoint folder."""
+    path = Path(path)
+    state = read_state(path)
+    if state.get("format", "safetensors") != "safetensors":
+        raise CheckpointError(f"{path} is a {state['format']} checkpoint; use restore_training_state")
     ema = path / "ema.safetensors"
-    return {
-        "model": load_file(str(path / "model.safetensors")),
-        "ema": load_file(str(ema)) if ema.is_file() else None,
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
-        "state": json.loads((path / "state.json").read_text()),
-    }
+    try:
+        return {
+            "model": load_file(str(path / "model.safetensors")),
+            "ema": load_file(str(ema)) if ema.is_file() else None,
+            "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
+            "state": state,
+        }
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer state: model + optimizer + EMA, one process or FSDP2
+# --------------------------------------------------------------------------------------------
+
+
+def save_training_state(run_dir: str | Path, step: int, model, optimizer, ema: dict, state: dict,
+                        keep_last: int = 2, ctx=None) -> Path:
+    """Save model, optimizer (keyed by parameter names), EMA and RNG states at `step`.
+
+    One process: the safetensors format. With a `DistributedContext` every rank must call this:
+    each writes its shards through DCP into the temporary folder, then rank 0 publishes it.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    run_dir = Path(run_dir)
+    if ctx is None:
+        return save_checkpoint(run_dir, step, get_model_state_dict(model), ema,
+                               get_optimizer_state_dict(model, optimizer), state, keep_last)
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final, tmp = _paths(run_dir, step)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(run_dir)
+        tmp.mkdir()
+    ctx.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state, "ema": ema}, checkpoint_id=str(tmp / "dcp"))
+    save_file(_rng_state(), str(tmp / f"rng-{ctx.rank}.safetensors"))
+    ctx.barrier()
+    if ctx.is_main:
+        _publish(tmp, final, run_dir, step, {"format": "dcp", "world_size": ctx.world_size, **state}, keep_last)
+    ctx.barrier()
+    return final
+
+
+def _copy_into_ema(ema: dict, full: dict, source: Path) -> None:
+    """Copy full tensors into the EMA dict, whose entries may be DTensor shards."""
+    from .distributed import is_dtensor
+
+    missing = sorted(set(ema) - set(full))
+    if missing:
+        raise CheckpointError(f"checkpoint {source} has no EMA for {missing[:3]}")
+    for name, target in ema.items():
+        value = full[name].to(target.dtype)
+        if is_dtensor(target):
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements).to_local()
+            target.to_local().copy_(value)
+        else:
+            target.copy_(value.to(target.device))
+
+
+def restore_training_state(path: str | Path, model, optimizer, ema: dict, ctx=None) -> dict:
+    """Load a checkpoint (either format, any world size) into model, optimizer and EMA in place;
+    restore the RNG state; return its state.json."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict, set_state_dict)
+
+    path = Path(path)
+    state = read_state(path)
+    fmt = state.get("format", "safetensors")
+    if fmt == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        target = {"model": model_state, "optim": optim_state, "ema": ema}
+        try:
+            dcp.load(target, checkpoint_id=str(path / "dcp"))
+        except Exception as err:  # DCP raises CheckpointException and others, with long traces
+            raise CheckpointError(f"cannot load the sharded checkpoint {path}: {str(err).splitlines()[0]}") from None
+        set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
+        rank = 0 if ctx is None else ctx.rank
+        rng = path / f"rng-{rank}.safetensors"
+    elif fmt == "safetensors":
+        saved = load_checkpoint(path)
+        full = StateDictOptions(full_state_dict=ctx is not None)
+        set_model_state_dict(model, saved["model"], options=full)
+        groups = saved["optimizer"].get("param_groups", [])
+        if ctx is None and groups and groups[0]["params"] and isinstance(groups[0]["params"][0], int):
+            optimizer.load_state_dict(saved["optimizer"])  # older checkpoints: keyed by position
+        else:
+            set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=full)
+        if saved["ema"] is not None:
+            _copy_into_ema(ema, saved["ema"], path)
+        rng = path / "rng.safetensors"
+    else:
+        raise CheckpointError(f"checkpoint {path} has an unknown format {fmt!r}")
+    same_world = (ctx.world_size if ctx is not None else 1) == state.get("world_size", 1)
+    if rng.is_file() and same_world:
+        _set_rng_state(load_file(str(rng)))
+    return state
+
+
+def read_weights(path: str | Path, which: str = "model") -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the model (`which="model"`) or EMA (`"ema"`) weights of a checkpoint of
+    either format, in one process (e.g. to compare runs or convert a sharded checkpoint)."""
+    if which not in ("model", "ema"):
+        raise CheckpointError(f"which must be 'model' or 'ema', got {which!r}")
+    path = Path(path)
+    state = read_state(path)
+    if state.get("format", "safetensors") == "safetensors":
+        file = path / f"{which}.safetensors"
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} has no {file.name}")
+        return load_file(str(file))
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(path / "dcp"))
+    prefix = f"{which}."
+    target = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+              for key, meta in reader.read_metadata().state_dict_metadata.items()
+              if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "loading in a single process" is what we want here
+        warnings.simplefilter("ignore")
+        dcp.load({which: target}, storage_reader=reader, no_dist=True)
+    return target

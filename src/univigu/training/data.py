@@ -1,15 +1,16 @@
-"""Training data in memory: videos as uint8 frames, prompts as cached embeddings, text as canvases.
+"""Training data in memory: ShapesWorld videos as uint8 frames, prompt embeddings per distinct prompt.
 
 Small worlds (ShapesWorld, a few thousand clips) fit in memory as uint8 frames; latents are made per
-batch by the codec (the default pixel-unshuffle codec costs nothing). Prompt embeddings are computed
-once per distinct prompt. The order of samples is a permutation keyed by (seed, epoch), so a run
-resumed at step k sees exactly the batches an uninterrupted run would.
+batch by the codec (the default pixel-unshuffle codec costs nothing). Real videos go through the
+latent cache instead (`training/cache.py`, `LatentSet`); both data sets offer the same three calls:
+`batch(step, batch_size, seed)`, `latents(index, codec)` and the `prompts` / `captions` / `ids` lists.
+The order of samples is a permutation keyed by (seed, epoch), so a run resumed at step k sees
+exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,8 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import WorldConfig
 from ..data import shapesworld
-from ..data.manifest import read_manifest
-from ..data.video_io import frames_to_tensor, read_video
+from ..data.video_io import frames_to_tensor
 
 
 @dataclass
@@ -27,6 +27,7 @@ class TrainingSet:
     prompts: list[str]
     captions: list[str]
     ids: list[str]
+    truths: list[list[dict]] | None = None  # ShapesWorld: the objects' attributes (oracle ground truth)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -34,6 +35,14 @@ class TrainingSet:
     def videos(self, index: np.ndarray) -> torch.Tensor:
         """Float videos [B, 3, F, H, W] in [-1, 1]."""
         return torch.stack([frames_to_tensor(self.frames[i]) for i in index])
+
+    def latents(self, index: np.ndarray, codec) -> torch.Tensor:
+        """Clean latents [B, C, F', H', W'] of the samples."""
+        with torch.no_grad():
+            return codec.encode(self.videos(index)).float()
+
+    def batch(self, step: int, batch_size: int, seed: int) -> np.ndarray:
+        return batch_indices(len(self), batch_size, step, seed)
 
 
 def shapesworld_set(num: int, seed: int, world: WorldConfig, split: str = "train",
@@ -43,17 +52,8 @@ def shapesworld_set(num: int, seed: int, world: WorldConfig, split: str = "train
     frames = np.stack([shapesworld.render(s.scene, world)
                        for s in tqdm(samples, desc="rendering ShapesWorld", disable=not progress)])
     return TrainingSet(frames=frames, prompts=[s.prompt for s in samples],
-                       captions=[s.caption for s in samples], ids=[s.id for s in samples])
-
-
-def manifest_set(path: str | Path, world: WorldConfig, progress: bool = True) -> TrainingSet:
-    """Decode every clip of a JSONL manifest, sampled and resized to the world's size."""
-    records = read_manifest(path, required=("video", "prompt"))
-    frames = [read_video(r["video"], num_frames=world.frames, size=(world.width, world.height))
-              for r in tqdm(records, desc="decoding videos", disable=not progress)]
-    return TrainingSet(frames=np.stack(frames), prompts=[r["prompt"] for r in records],
-                       captions=[r.get("caption", r["prompt"]) for r in records],
-                       ids=[str(r.get("id", i)) for i, r in enumerate(records)])
+                       captions=[s.caption for s in samples], ids=[s.id for s in samples],
+                       truths=[shapesworld.attributes(s.scene) for s in samples])
 
 
 def batch_indices(num: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -75,16 +75,14 @@ def sample_generator(seed: int, step: int, sample_id: int) -> torch.Generator:
 
 
 class PromptBank:
-    """Prompt embeddings computed once per distinct prompt."""
+    """Prompt embeddings [Lc, D] looked up by prompt text (filled from the prompt cache)."""
 
-    def __init__(self, encoder, prompts: list[str], batch_size: int = 64, progress: bool = True):
-        unique = sorted(set(prompts))
-        self.index = {p: i for i, p in enumerate(unique)}
-        chunks = []
-        for start in tqdm(range(0, len(unique), batch_size), desc="encoding prompts", disable=not progress):
-            emb, _ = encoder.encode(unique[start:start + batch_size])
-            chunks.append(emb.float().cpu())
-        self.embeddings = torch.cat(chunks) if chunks else torch.zeros(0)
+    def __init__(self, embeddings: dict[str, torch.Tensor]):
+        self.index = {p: i for i, p in enumerate(embeddings)}
+        self.embeddings = torch.stack(list(embeddings.values())) if embeddings else torch.zeros(0)
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
+        missing = [p for p in prompts if p not in self.index]
+        if missing:
+            raise KeyError(f"no embedding for prompt {missing[0]!r}")
         return self.embeddings[[self.index[p] for p in prompts]]

@@ -1,0 +1,216 @@
+"""Captioning (V2T) speed-up from the clean-video cache, against its analytic bound.
+
+The published Uni-ViGU samples a caption by running the whole joint sequence (N video + L text
+tokens) through the model at every text step. Under the `clean_isolated` attention policy the clean
+video never attends to the text, so its per-layer keys/values are computed once (`prefill`) and
+every step runs only the L text tokens against them (`step_text`). Both paths run the same sampler
+(`sample_text`, same steps and seeds) and must give identical tokens; this script asserts that.
+
+With S steps and per-token forward FLOPs f_v (video) and f_t (text, which also pays for the
+vocabulary head), caching can at best save::
+
+    bound = S (N f_v + L f_t) / (N f_v + S L f_t)
+
+(`common.cache_speedup_bound`; f_v and f_t from `common.per_token_flops` at the joint sequence
+length). Target (issue 10): the measured speed-up reaches >= 80% of the bound at video:text token
+ratios 8, 32 and 128. For reference, the uncached path is also timed under the `full` policy (no
+isolation mask; what the published model runs), with the same weights.
+
+    python benchmarks/bench_caption_cache.py            # ratios 8, 32, 128
+    python benchmarks/bench_caption_cache.py --quick    # fewer repetitions
+Writes benchmarks/results/caption_cache.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+import torch
+
+from common import (
+    RESULTS_DIR,
+    cache_speedup_bound,
+    forward_flops,
+    load_average,
+    machine_info,
+    median,
+    per_token_flops,
+    prefill_flops,
+    step_text_flops,
+    timed,
+    write_json,
+)
+from univigu.config import TransformerConfig
+from univigu.flow.paths import MixtureTextPath
+from univigu.flow.samplers import TextSamplerOptions, sample_text
+from univigu.models.transformer import UniViGUTransformer
+
+TEXT_LENGTH = 16
+VOCAB = 1000
+EOS_ID = 2
+CONDITION_LENGTH = 24  # the ShapesWorld presets' prompt length
+# video:text ratio -> latent (C, F, H, W); patch 1x2x2 gives F * H/2 * W/2 video tokens.
+CASES = {8: (16, 2, 16, 16), 32: (16, 8, 16, 16), 128: (16, 8, 32, 32)}
+MODEL = dict(num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=4, in_channels=16,
+             out_channels=16, text_dim=384, vocab_size=VOCAB, text_length=TEXT_LENGTH,
+             attention_policy="clean_isolated")
+
+
+def build_model(seed: int = 0, **overrides) -> UniViGUTransformer:
+    """A random model whose every weight is non-zero (the zero-initialised heads would make every
+    logit 0 and the comparison of the two paths empty)."""
+    model = UniViGUTransformer(TransformerConfig(**{**MODEL, **overrides})).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+        head = model.text_stream.proj_out.weight  # peaked posteriors: confidence order matters
+        head.copy_(torch.randn(head.shape, generator=gen) * 3.0 / head.shape[1] ** 0.5)
+    return model
+
+
+def make_inputs(latent, batch: int, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    video = torch.randn(batch, *latent, generator=gen)
+    condition = torch.randn(batch, CONDITION_LENGTH, MODEL["text_dim"], generator=gen)
+    return video, condition
+
+
+def caption(model, video, condition, path, steps, use_cache, seeds):
+    options = TextSamplerOptions(steps=steps, sampler="confidence", use_cache=use_cache)
+    return sample_text(model, video, condition, path, TEXT_LENGTH, eos_id=EOS_ID, options=options, seeds=seeds)
+
+
+def component_times(model, video, condition, steps, repeats):
+    """Median seconds of the model calls alone: prefill, one step_text, one joint forward."""
+    batch = video.shape[0]
+    text = torch.randint(0, VOCAB + 1, (batch, TEXT_LENGTH), generator=torch.Generator().manual_seed(2))
+    t_text = torch.full((batch,), 500.0)
+    t_video = torch.zeros(batch)
+    cache = model.prefill(clean="video", video=video, condition=condition)
+    out = {"prefill_s": [], "step_text_s": [], "forward_s": []}
+    for _ in range(repeats):
+        out["prefill_s"].append(timed(lambda: model.prefill(clean="video", video=video, condition=condition)))
+        out["step_text_s"].append(median([timed(lambda: model.step_text(text, t_text, cache)) for _ in range(steps)]))
+        out["forward_s"].append(timed(lambda: model(video, text, t_video, t_text, condition)))
+    cached_logits = model.step_text(text, t_text, cache)
+    joint_logits = model(video, text, t_video, t_text, condition)[1]
+    diff = float((cached_logits - joint_logits).abs().max())
+    return {k: median(v) for k, v in out.items()}, diff
+
+
+def bench_case(ratio: int, steps: int, batch: int, warmup: int, repeats: int, with_full: bool) -> dict:
+    latent = CASES[ratio]
+    model = build_model()
+    full_model = None
+    if with_full:  # same weights, published attention (no isolation mask, no cache)
+        full_model = UniViGUTransformer(replace(model.config, attention_policy="full")).eval()
+        full_model.load_state_dict(model.state_dict())
+    video, condition = make_inputs(latent, batch)
+    n_video = model.patch_embedding(video[:1]).flatten(2).shape[2]
+    n_text = TEXT_LENGTH
+    path = MixtureTextPath(vocab_size=VOCAB, source="mask", special_ids=(0, 1, EOS_ID))
+    seeds = list(range(batch))
+    runs = {"cached": lambda: caption(model, video, condition, path, steps, True, seeds),
+            "recompute": lambda: caption(model, video, condition, path, steps, False, seeds)}
+    if full_model is not None:
+        runs["recompute_full_policy"] = lambda: caption(full_model, video, condition, path, steps, False, seeds)
+
+    times = {name: [] for name in runs}
+    tokens = {}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in runs.values():
+                fn()
+        for rep in range(repeats):
+            order = list(runs) if rep % 2 == 0 else list(reversed(runs))  # load drift hits all paths
+            for name in order:
+                start = time.perf_counter()
+                sample = runs[name]()
+                times[name].append(time.perf_counter() - start)
+                if name != "recompute_full_policy":
+                    if name in tokens and not torch.equal(tokens[name], sample.tokens):
+                        raise AssertionError(f"{name}: the same seeds gave different tokens")
+                    tokens[name] = sample.tokens
+        identical = torch.equal(tokens["cached"], tokens["recompute"])
+        if not identical:
+            raise AssertionError(f"ratio {ratio}: cached and recomputed captions differ under clean_isolated")
+        components, logit_diff = component_times(model, video, condition, steps, max(3, repeats // 2))
+
+    cfg = model.config
+    keys = n_video + n_text
+    f_v = per_token_flops(cfg, "video", keys, CONDITION_LENGTH)
+    f_t = per_token_flops(cfg, "text", keys, CONDITION_LENGTH)
+    bound = cache_speedup_bound(steps, n_video, n_text, f_v, f_t)
+    recompute_flops = steps * forward_flops(cfg, batch, n_video, n_text, CONDITION_LENGTH)
+    cached_flops = (prefill_flops(cfg, batch, n_video, CONDITION_LENGTH)
+                    + steps * step_text_flops(cfg, batch, n_text, n_video, CONDITION_LENGTH))
+    med = {name: median(ts) for name, ts in times.items()}
+    speedup = med["recompute"] / med["cached"]
+    # Where the cached path's time goes: prefill, S model steps, and the sampler's own work.
+    sampler_overhead = (med["cached"] - components["prefill_s"] - steps * components["step_text_s"]) / steps
+    row = {
+        "ratio": ratio, "video_tokens": n_video, "text_tokens": n_text, "steps": steps, "batch": batch,
+        "latent": list(latent), "f_video": f_v, "f_text": f_t,
+        "bound": bound,
+        "speedup": speedup,
+        "fraction_of_bound": speedup / bound,
+        "analytic_flop_ratio": recompute_flops / cached_flops,
+        "speedup_vs_full_policy": med["recompute_full_policy"] / med["cached"] if with_full else None,
+        "identical_tokens": identical,
+        "max_abs_logit_diff_step_vs_forward": logit_diff,
+        "cached_s": med["cached"], "recompute_s": med["recompute"],
+        "recompute_full_policy_s": med.get("recompute_full_policy"),
+        "caption_tokens_per_s": {name: batch * n_text / t for name, t in med.items()},
+        "model_gflop_per_s": {"cached": cached_flops / med["cached"] / 1e9,
+                              "recompute": recompute_flops / med["recompute"] / 1e9},
+        "components_s": {**components, "sampler_overhead_per_step_s": sampler_overhead},
+        "all_s": times,
+    }
+    print(f"ratio {ratio:4d} (N={n_video}, L={n_text}, S={steps}, B={batch}): cached {med['cached']:.3f} s  "
+          f"recompute {med['recompute']:.3f} s  speed-up {speedup:.2f}x  bound {bound:.2f}x  "
+          f"({100 * speedup / bound:.0f}% of bound)  identical={identical}", flush=True)
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ratios", nargs="+", type=int, default=list(CASES), choices=list(CASES))
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="5 timed repetitions, 1 warm-up")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--no-full", action="store_true", help="skip the uncached run under the 'full' policy")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "caption_cache.json"))
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 7)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    if repeats < 5:
+        parser.error("--repeats must be >= 5 (the median of fewer says little)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = load_average()
+    rows = [bench_case(r, args.steps, args.batch, warmup, repeats, not args.no_full) for r in args.ratios]
+    payload = {
+        "benchmark": "caption_cache",
+        "description": "V2T with the clean-video cache vs recomputing the joint sequence every step, "
+                       "same sampler, steps and seeds, clean_isolated policy; fp32",
+        "target": "speedup >= 0.8 * bound at video:text ratios 8, 32, 128",
+        "model": {**MODEL, "condition_length": CONDITION_LENGTH},
+        "sampler": {"sampler": "confidence", "steps": args.steps, "temperature": 1.0, "source": "mask"},
+        "machine": machine_info(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "note": "wall-clock on a shared, loaded machine; ratios measured in the same run (paths "
+                "alternated) are the valid figures, absolute times are not",
+        "results": rows,
+    }
+    print(f"wrote {write_json(args.out, payload)}")
+
+
+if __name__ == "__main__":
+    main()

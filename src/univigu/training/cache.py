@@ -1,0 +1,423 @@
+"""Content-keyed caches of latents and prompt embeddings, and resolution/length buckets for real data.
+
+The data path for manifests is manifest -> decode -> codec -> cache: every clip is decoded and
+encoded once, every prompt embedded once, and later stages and runs read the stored tensors.
+
+```
+CACHE_DIR/prompts/<encoder key>/shard-*.safetensors   sha1(prompt)               -> embedding [Lc, D]
+                                                      "null"                     -> null condition [Lc, D]
+CACHE_DIR/latents/<codec key>/shard-*.safetensors     sha1(file sha1, W, H, F)   -> latent [C, F', H', W']
+CACHE_DIR/probes/shard-*.safetensors                  file sha1                  -> [width, height, frames]
+CACHE_DIR/file-hashes.json                            path -> (size, mtime, sha1 of the bytes)
+```
+
+Keys name the content (the bytes of a video file, the text of a prompt) and the settings that
+change the result (the decode size and frame count); a namespace folder names the codec or
+prompt-encoder config (its own `config.json` says which). The file-hash memo only saves re-reading
+unchanged files (same path, size and mtime). Shards are written to a temporary file, fsynced and
+renamed, so a killed run leaves no half-written shard.
+
+Bucketing: clips of mixed sizes go to the bucket (width, height, frames) of the nearest aspect
+ratio among those they have enough frames for; every batch is drawn from one bucket; the order is
+a function of (seed, epoch) only, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..config import CodecConfig, PromptEncoderConfig, WorldConfig, to_dict
+from ..data.manifest import read_manifest
+from ..data.video_io import VideoError, frames_to_tensor, probe_video, read_video
+
+NULL_KEY = "null"
+SHARD_BYTES = 512 * 2**20
+
+
+class CacheError(ValueError):
+    """The cache is missing an entry it must have, or a bucket setting cannot work."""
+
+
+class SkippedClipsWarning(UserWarning):
+    """Some manifest clips were left out (unreadable, or shorter than every bucket)."""
+
+
+def default_cache_dir() -> Path:
+    """`$UNIVIGU_CACHE_DIR`, else `$XDG_CACHE_HOME/univigu` (`~/.cache/univigu`)."""
+    if os.environ.get("UNIVIGU_CACHE_DIR"):
+        return Path(os.environ["UNIVIGU_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "univigu"
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha1(b"str:" + text.encode("utf-8")).hexdigest()
+
+
+def config_key(kind: str, config: dict) -> str:
+    """A short stable name for a component config (sorted-key JSON, sha1)."""
+    blob = json.dumps({"kind": kind, **config}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def file_sha1(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# A folder of safetensors shards, keyed by string
+# --------------------------------------------------------------------------------------------
+
+
+class TensorStore:
+    """Tensors keyed by content, stored as safetensors shards in one folder.
+
+    Reading only opens shard headers until a tensor is asked for; writing adds a new shard
+    (named by the sha1 of its keys, so two writers of the same entries write the same file).
+    """
+
+    def __init__(self, directory: str | Path, config: dict | None = None):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if config is not None and not (self.directory / "config.json").is_file():
+            _atomic_write_text(self.directory / "config.json", json.dumps(config, indent=2, default=str))
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the shard headers (entries written by another process)."""
+        for shard in sorted(self.directory.glob("shard-*.safetensors")):
+            if shard in self._handles or shard in self._where.values():
+                continue
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    self._where.setdefault(key, shard)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise CacheError(f"{key} is not in the cache {self.directory}")
+        shard = self._where[key]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(shard), framework="pt")
+        return self._handles[shard].get_tensor(key)
+
+    def put(self, entries: dict[str, torch.Tensor]) -> None:
+        """Write `entries` as one or more new shards (atomically)."""
+        batch: dict[str, torch.Tensor] = {}
+        size = 0
+        for key, value in entries.items():
+            batch[key] = value.detach().contiguous().cpu()
+            size += value.numel() * value.element_size()
+            if size >= SHARD_BYTES:
+                self._write(batch)
+                batch, size = {}, 0
+        if batch:
+            self._write(batch)
+
+    def _write(self, batch: dict[str, torch.Tensor]) -> None:
+        name = hashlib.sha1("\n".join(sorted(batch)).encode()).hexdigest()[:20]
+        final = self.directory / f"shard-{name}.safetensors"
+        tmp = self.directory / f".shard-{name}.{os.getpid()}.tmp"
+        save_file(batch, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        for key in batch:
+            self._where.setdefault(key, final)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt embeddings
+# --------------------------------------------------------------------------------------------
+
+
+def prompt_store(cache_dir: str | Path, encoder_config: PromptEncoderConfig) -> TensorStore:
+    config = to_dict(encoder_config)
+    return TensorStore(Path(cache_dir) / "prompts" / config_key("prompt_encoder", config), config)
+
+
+def cached_prompt_embeddings(prompts: Sequence[str], encoder_config: PromptEncoderConfig,
+                             cache_dir: str | Path, device: str | torch.device = "cpu",
+                             compute: bool = True, progress: bool = True
+                             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({prompt: embedding [Lc, D] float32}, null condition [Lc, D]) from the cache.
+
+    Prompts not in the cache are encoded (the encoder is loaded only then) and stored, unless
+    `compute=False` (processes that only read what rank 0 wrote), which raises CacheError.
+    """
+    store = prompt_store(cache_dir, encoder_config)
+    unique = sorted(set(prompts))
+    keys = {p: text_key(p) for p in unique}
+    missing = [p for p in unique if keys[p] not in store]
+    if missing or NULL_KEY not in store:
+        if not compute:
+            raise CacheError(f"{len(missing)} prompt embeddings missing from {store.directory}")
+        from ..models.precompute import encode_prompts
+        from ..models.text import load_prompt_encoder
+
+        encoder = load_prompt_encoder(encoder_config, device=device)
+        entries = {}
+        if missing:
+            fresh = encode_prompts(encoder, missing, progress=progress)
+            entries = {keys[p]: fresh[_precompute_key(p)][0] for p in missing}
+        entries[NULL_KEY] = encoder.null_condition()[0][0].float().cpu()
+        store.put(entries)
+        del encoder
+    return {p: store.get(keys[p]).float() for p in unique}, store.get(NULL_KEY).float()
+
+
+def _precompute_key(prompt: str) -> str:
+    from ..models.precompute import content_key
+
+    return content_key(prompt)
+
+
+# --------------------------------------------------------------------------------------------
+# Buckets
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bucket:
+    width: int
+    height: int
+    frames: int
+
+
+def make_buckets(sizes: Sequence[Sequence[int]], world: WorldConfig) -> list[Bucket]:
+    """Buckets from `[width, height, frames]` triples; none given = one bucket at the world size."""
+    if not sizes:
+        return [Bucket(world.width, world.height, world.frames)]
+    buckets = []
+    for size in sizes:
+        if len(size) != 3 or min(size) < 1:
+            raise CacheError(f"a bucket is [width, height, frames] with positive sizes, got {list(size)}")
+        buckets.append(Bucket(*(int(v) for v in size)))
+    if len(set(buckets)) != len(buckets):
+        raise CacheError("train.buckets lists the same bucket twice")
+    return buckets
+
+
+def assign_bucket(width: int, height: int, frames: int, buckets: Sequence[Bucket]) -> int | None:
+    """Index of the bucket for a clip: nearest aspect ratio among the buckets it has enough frames
+    for (then the most frames, then the largest area); None when it is shorter than all of them.
+    With a single bucket every long enough clip goes there (scaled and centre-cropped)."""
+    fits = [i for i, b in enumerate(buckets) if b.frames <= frames]
+    if not fits:
+        return None
+    aspect = math.log(width / height)
+    return min(fits, key=lambda i: (round(abs(aspect - math.log(buckets[i].width / buckets[i].height)), 9),
+                                    -buckets[i].frames, -buckets[i].width * buckets[i].height, i))
+
+
+def epoch_batches(bucket_of: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The batches of one epoch: each bucket shuffled by (seed, epoch, bucket) and cut into full
+    batches (the remainder waits for another epoch's shuffle), then the batches shuffled by (seed, epoch)."""
+    batches = []
+    for b in np.unique(bucket_of):
+        members = np.flatnonzero(bucket_of == b)
+        members = members[np.random.default_rng([seed, epoch, int(b)]).permutation(len(members))]
+        batches += [members[i:i + batch_size] for i in range(0, len(members) - batch_size + 1, batch_size)]
+    order = np.random.default_rng([seed, epoch]).permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+class BucketSampler:
+    """Global batch `step` -> sample indices, all from one bucket, deterministic by (seed, epoch)."""
+
+    def __init__(self, bucket_of: Sequence[int], batch_size: int, seed: int):
+        self.bucket_of = np.asarray(bucket_of)
+        self.batch_size, self.seed = batch_size, seed
+        counts = np.bincount(self.bucket_of) if len(self.bucket_of) else np.zeros(0, dtype=int)
+        self.batches_per_epoch = int(sum(c // batch_size for c in counts))
+        if self.batches_per_epoch == 0:
+            raise CacheError(f"no bucket holds a full batch of {batch_size} clips (bucket sizes "
+                             f"{counts.tolist()}): lower train.batch_size or merge buckets")
+        self._epoch: tuple[int, list[np.ndarray]] | None = None
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, position = divmod(step, self.batches_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, epoch_batches(self.bucket_of, self.batch_size, self.seed, epoch))
+        return self._epoch[1][position]
+
+
+# --------------------------------------------------------------------------------------------
+# Latents of a manifest
+# --------------------------------------------------------------------------------------------
+
+
+class FileHashes:
+    """sha1 of file bytes, memoised by (path, size, mtime) in CACHE_DIR/file-hashes.json."""
+
+    def __init__(self, cache_dir: Path):
+        self.path = cache_dir / "file-hashes.json"
+        self.memo = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.dirty = False
+
+    def __call__(self, file: str) -> str:
+        st = os.stat(file)
+        entry = self.memo.get(file)
+        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+            return entry[2]
+        digest = file_sha1(file)
+        self.memo[file] = [st.st_size, st.st_mtime_ns, digest]
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if self.dirty:
+            _atomic_write_text(self.path, json.dumps(self.memo))
+
+
+def latent_key(file_hash: str, bucket: Bucket) -> str:
+    return hashlib.sha1(f"{file_hash}:{bucket.width}x{bucket.height}x{bucket.frames}".encode()).hexdigest()
+
+
+class LatentSet:
+    """A manifest's clips as cached latents: the trainer's data for real videos."""
+
+    def __init__(self, store: TensorStore, keys: list[str], bucket_of: list[int], buckets: list[Bucket],
+                 prompts: list[str], captions: list[str], ids: list[str]):
+        self.store, self.keys = store, keys
+        self.bucket_of, self.buckets = np.asarray(bucket_of, dtype=np.int64), buckets
+        self.prompts, self.captions, self.ids = prompts, captions, ids
+        self._samplers: dict[tuple[int, int], BucketSampler] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def batch(self, step: int, batch_size: int, seed: int) -> np.ndarray:
+        key = (batch_size, seed)
+        if key not in self._samplers:
+            self._samplers[key] = BucketSampler(self.bucket_of, batch_size, seed)
+        return self._samplers[key](step)
+
+    def latents(self, index: Sequence[int], codec=None) -> torch.Tensor:
+        shapes = {int(self.bucket_of[i]) for i in index}
+        if len(shapes) > 1:
+            raise CacheError(f"a batch mixes buckets {sorted(shapes)}; draw batches with .batch()")
+        return torch.stack([self.store.get(self.keys[i]) for i in index]).float()
+
+
+@torch.no_grad()
+def cached_manifest_latents(manifest: str | Path, codec, codec_config: CodecConfig, world: WorldConfig,
+                            cache_dir: str | Path, bucket_sizes: Sequence[Sequence[int]] = (),
+                            device: str | torch.device = "cpu", compute: bool = True,
+                            progress: bool = True, encode_batch: int = 8) -> LatentSet:
+    """Every readable clip of a JSONL manifest as a cached latent (encoded once, ever).
+
+    Clips are assigned to buckets (`make_buckets`), decoded with `num_frames` evenly spaced frames,
+    scaled to cover the bucket size and centre-cropped. Unreadable clips and clips shorter than
+    every bucket are left out with one `SkippedClipsWarning`. `compute=False` only reads.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    records = read_manifest(manifest, required=("video", "prompt"))
+    buckets = make_buckets(bucket_sizes, world)
+    for b in buckets:
+        codec.check_frames(b.frames, b.height, b.width)
+    codec_cfg = to_dict(codec_config)
+    store = TensorStore(cache_dir / "latents" / config_key("codec", codec_cfg), codec_cfg)
+    probes = TensorStore(cache_dir / "probes")
+    hashes = FileHashes(cache_dir)
+
+    skipped: list[str] = []
+    chosen: list[tuple[dict, str, int]] = []  # record, latent key, bucket
+    new_probes: dict[str, torch.Tensor] = {}
+    for line, record in enumerate(tqdm(records, desc="indexing clips", disable=not progress)):
+        record = {**record, "id": str(record.get("id", line))}
+        path = record["video"]
+        try:
+            digest = hashes(path)
+            if digest in probes:
+                width, height, frames = probes.get(digest).tolist()
+            else:
+                if not compute:
+                    raise CacheError(f"clip {path} is not in the cache {cache_dir}")
+                meta = probe_video(path)
+                width, height, frames = meta["width"], meta["height"], meta["num_frames"]
+                new_probes[digest] = torch.tensor([width, height, frames], dtype=torch.int64)
+        except (OSError, VideoError) as err:
+            skipped.append(f"{path} ({err})")
+            continue
+        b = assign_bucket(width, height, frames, buckets)
+        if b is None:
+            skipped.append(f"{path} ({frames} frames, fewer than every bucket)")
+            continue
+        chosen.append((record, latent_key(digest, buckets[b]), b))
+    if compute:
+        if new_probes:
+            probes.put(new_probes)
+        hashes.save()
+
+    todo = [(r, k, b) for r, k, b in chosen if k not in store]
+    if todo and not compute:
+        raise CacheError(f"{len(todo)} clip latents missing from the cache {store.directory}")
+    failed = set()
+    pending: dict[str, torch.Tensor] = {}
+    by_bucket: dict[int, list[tuple[dict, str]]] = {}
+    for r, k, b in todo:
+        by_bucket.setdefault(b, []).append((r, k))
+    with tqdm(total=len(todo), desc="encoding clips", disable=not progress or not todo) as bar:
+        for b, items in by_bucket.items():
+            bucket = buckets[b]
+            for start in range(0, len(items), encode_batch):
+                videos, keys = [], []
+                for r, k in items[start:start + encode_batch]:
+                    try:
+                        frames = read_video(r["video"], num_frames=bucket.frames, size=(bucket.width, bucket.height))
+                    except VideoError as err:
+                        skipped.append(f"{r['video']} ({err})")
+                        failed.add(k)
+                        continue
+                    videos.append(frames_to_tensor(frames))
+                    keys.append(k)
+                if videos:
+                    latents = codec.encode(torch.stack(videos).to(device)).float().cpu()
+                    pending.update(zip(keys, latents))
+                bar.update(len(items[start:start + encode_batch]))
+                if sum(v.numel() for v in pending.values()) * 4 >= SHARD_BYTES:
+                    store.put(pending)
+                    pending = {}
+    if pending:
+        store.put(pending)
+    if skipped:
+        warnings.warn(f"{len(skipped)} of {len(records)} clips left out, e.g. {skipped[0]}",
+                      SkippedClipsWarning, stacklevel=2)
+    kept = [(r, k, b) for r, k, b in chosen if k not in failed]
+    if not kept:
+        raise CacheError(f"no usable clip in {manifest}")
+    return LatentSet(store, [k for _, k, _ in kept], [b for _, _, b in kept], buckets,
+                     prompts=[r["prompt"] for r, _, _ in kept],
+                     captions=[r.get("caption", r["prompt"]) for r, _, _ in kept],
+                     ids=[r["id"] for r, _, _ in kept])

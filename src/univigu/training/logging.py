@@ -1,0 +1,103 @@
+"""Run logging: JSONL metrics, optional TensorBoard scalars, sample GIFs with captions.
+
+Only rank 0 logs (the trainer builds a disabled logger elsewhere). TensorBoard is optional: when
+the `tensorboard` package is missing, scalars still go to `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..data.video_io import write_gif
+
+
+def _scalar(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+class RunLogger:
+    """Appends `{"step": ..., **metrics}` lines to OUT/metrics.jsonl and TensorBoard scalars to OUT/tb."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._file = (self.out_dir / "metrics.jsonl").open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+
+    @property
+    def tensorboard(self) -> bool:
+        return self._tb is not None
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"step": step, **metrics, "time": time.time()}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in metrics.items():
+                value = _scalar(value)
+                if value is not None:
+                    self._tb.add_scalar(name.replace(".", "/"), value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        self.enabled = False
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file (the last record wins when a resumed run repeats a step)."""
+    by_key: dict[tuple, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            kind = "val" if any(k.startswith(("val.", "t2v.", "v2t.")) for k in record) else "train"
+            by_key[(record["step"], kind)] = record
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def write_samples(directory: str | Path, fps: float, generated: Sequence[np.ndarray] = (),
+                  prompts: Sequence[str] = (), videos: Sequence[np.ndarray] = (),
+                  captions: Sequence[str] = (), references: Sequence[str] = ()) -> Path:
+    """One sample dump: `t2v-XX.gif` for each prompt's generated video, `v2t-XX.gif` for each
+    captioned video, and `samples.json` listing prompts, generated captions and reference captions."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    index = {"t2v": [], "v2t": []}
+    for i, (video, prompt) in enumerate(zip(generated, prompts)):
+        name = f"t2v-{i:02d}.gif"
+        write_gif(directory / name, video, fps=fps)
+        index["t2v"].append({"prompt": prompt, "video": name})
+    for i, video in enumerate(videos):
+        name = f"v2t-{i:02d}.gif"
+        write_gif(directory / name, video, fps=fps)
+        index["v2t"].append({"video": name, "caption": captions[i] if i < len(captions) else None,
+                             "reference": references[i] if i < len(references) else None})
+    (directory / "samples.json").write_text(json.dumps(index, indent=2))
+    return directory
