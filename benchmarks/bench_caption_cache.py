@@ -16,7 +16,7 @@ length). Target (issue 10): the measured speed-up reaches >= 80% of the bound at
 ratios 8, 32 and 128. For reference, the uncached path is also timed under the `full` policy (no
 isolation mask; what the published model runs), with the same weights.
 
-    python benchmarks/bench_caption_cache.py            # ratios 8, 32, 128
+    python benchmarks/bench_caption_cache.py            # ratios 8, 32, 128 at batch 1 and 8
     python benchmarks/bench_caption_cache.py --quick    # fewer repetitions
 Writes benchmarks/results/caption_cache.json.
 """
@@ -24,7 +24,6 @@ Writes benchmarks/results/caption_cache.json.
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import replace
 
 import torch
@@ -39,7 +38,7 @@ from common import (
     per_token_flops,
     prefill_flops,
     step_text_flops,
-    timed,
+    timed_both,
     write_json,
 )
 from univigu.config import TransformerConfig
@@ -83,8 +82,9 @@ def caption(model, video, condition, path, steps, use_cache, seeds):
     return sample_text(model, video, condition, path, TEXT_LENGTH, eos_id=EOS_ID, options=options, seeds=seeds)
 
 
-def component_times(model, video, condition, steps, repeats):
-    """Median seconds of the model calls alone: prefill, one step_text, one joint forward."""
+def component_times(model, video, condition, steps, repeats, clock: int):
+    """Median seconds (clock 0: wall, 1: process CPU) of the model calls alone: prefill, one
+    step_text, one joint forward; and the largest logit difference of step_text against forward."""
     batch = video.shape[0]
     text = torch.randint(0, VOCAB + 1, (batch, TEXT_LENGTH), generator=torch.Generator().manual_seed(2))
     t_text = torch.full((batch,), 500.0)
@@ -92,9 +92,11 @@ def component_times(model, video, condition, steps, repeats):
     cache = model.prefill(clean="video", video=video, condition=condition)
     out = {"prefill_s": [], "step_text_s": [], "forward_s": []}
     for _ in range(repeats):
-        out["prefill_s"].append(timed(lambda: model.prefill(clean="video", video=video, condition=condition)))
-        out["step_text_s"].append(median([timed(lambda: model.step_text(text, t_text, cache)) for _ in range(steps)]))
-        out["forward_s"].append(timed(lambda: model(video, text, t_video, t_text, condition)))
+        out["prefill_s"].append(timed_both(lambda: model.prefill(clean="video", video=video,
+                                                                   condition=condition))[clock])
+        out["step_text_s"].append(median([timed_both(lambda: model.step_text(text, t_text, cache))[clock]
+                                          for _ in range(steps)]))
+        out["forward_s"].append(timed_both(lambda: model(video, text, t_video, t_text, condition))[clock])
     cached_logits = model.step_text(text, t_text, cache)
     joint_logits = model(video, text, t_video, t_text, condition)[1]
     diff = float((cached_logits - joint_logits).abs().max())
@@ -118,7 +120,9 @@ def bench_case(ratio: int, steps: int, batch: int, warmup: int, repeats: int, wi
     if full_model is not None:
         runs["recompute_full_policy"] = lambda: caption(full_model, video, condition, path, steps, False, seeds)
 
-    times = {name: [] for name in runs}
+    # Both clocks: wall, and this process's CPU time (with one thread, immune to preemption by the
+    # other processes of a shared machine; the primary clock then).
+    times = {clock: {name: [] for name in runs} for clock in ("wall", "cpu")}
     tokens = {}
     with torch.no_grad():
         for _ in range(warmup):
@@ -127,17 +131,21 @@ def bench_case(ratio: int, steps: int, batch: int, warmup: int, repeats: int, wi
         for rep in range(repeats):
             order = list(runs) if rep % 2 == 0 else list(reversed(runs))  # load drift hits all paths
             for name in order:
-                start = time.perf_counter()
-                sample = runs[name]()
-                times[name].append(time.perf_counter() - start)
+                out = {}
+                wall, cpu = timed_both(lambda: out.setdefault("sample", runs[name]()))
+                times["wall"][name].append(wall)
+                times["cpu"][name].append(cpu)
                 if name != "recompute_full_policy":
+                    sample = out["sample"]
                     if name in tokens and not torch.equal(tokens[name], sample.tokens):
                         raise AssertionError(f"{name}: the same seeds gave different tokens")
                     tokens[name] = sample.tokens
         identical = torch.equal(tokens["cached"], tokens["recompute"])
         if not identical:
             raise AssertionError(f"ratio {ratio}: cached and recomputed captions differ under clean_isolated")
-        components, logit_diff = component_times(model, video, condition, steps, max(3, repeats // 2))
+        primary = "cpu" if torch.get_num_threads() == 1 else "wall"
+        components, logit_diff = component_times(model, video, condition, steps, 3,
+                                                 clock=1 if primary == "cpu" else 0)
 
     cfg = model.config
     keys = n_video + n_text
@@ -147,16 +155,19 @@ def bench_case(ratio: int, steps: int, batch: int, warmup: int, repeats: int, wi
     recompute_flops = steps * forward_flops(cfg, batch, n_video, n_text, CONDITION_LENGTH)
     cached_flops = (prefill_flops(cfg, batch, n_video, CONDITION_LENGTH)
                     + steps * step_text_flops(cfg, batch, n_text, n_video, CONDITION_LENGTH))
-    med = {name: median(ts) for name, ts in times.items()}
+    medians = {clock: {name: median(ts) for name, ts in t.items()} for clock, t in times.items()}
+    med = medians[primary]
     speedup = med["recompute"] / med["cached"]
     # Where the cached path's time goes: prefill, S model steps, and the sampler's own work.
     sampler_overhead = (med["cached"] - components["prefill_s"] - steps * components["step_text_s"]) / steps
     row = {
         "ratio": ratio, "video_tokens": n_video, "text_tokens": n_text, "steps": steps, "batch": batch,
         "latent": list(latent), "f_video": f_v, "f_text": f_t,
+        "clock": primary,
         "bound": bound,
         "speedup": speedup,
         "fraction_of_bound": speedup / bound,
+        "speedup_wall_clock": medians["wall"]["recompute"] / medians["wall"]["cached"],
         "analytic_flop_ratio": recompute_flops / cached_flops,
         "speedup_vs_full_policy": med["recompute_full_policy"] / med["cached"] if with_full else None,
         "identical_tokens": identical,
@@ -179,11 +190,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ratios", nargs="+", type=int, default=list(CASES), choices=list(CASES))
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8],
+                        help="videos captioned at once: 1 = latency, 8 = throughput")
     parser.add_argument("--quick", action="store_true", help="5 timed repetitions, 1 warm-up")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--no-full", action="store_true", help="skip the uncached run under the 'full' policy")
+    parser.add_argument("--full-policy-batches", nargs="*", type=int, default=[1],
+                        help="batches at which the uncached path is also timed under the 'full' policy")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "caption_cache.json"))
     args = parser.parse_args(argv)
@@ -194,7 +207,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = load_average()
-    rows = [bench_case(r, args.steps, args.batch, warmup, repeats, not args.no_full) for r in args.ratios]
+    rows = [bench_case(r, args.steps, b, warmup, repeats, b in args.full_policy_batches)
+            for b in args.batches for r in args.ratios]
     payload = {
         "benchmark": "caption_cache",
         "description": "V2T with the clean-video cache vs recomputing the joint sequence every step, "
@@ -202,11 +216,14 @@ def main(argv=None):
         "target": "speedup >= 0.8 * bound at video:text ratios 8, 32, 128",
         "model": {**MODEL, "condition_length": CONDITION_LENGTH},
         "sampler": {"sampler": "confidence", "steps": args.steps, "temperature": 1.0, "source": "mask"},
+        "repeats": repeats, "warmup": warmup,
         "machine": machine_info(),
         "load_average_before": load_before,
         "load_average_after": load_average(),
-        "note": "wall-clock on a shared, loaded machine; ratios measured in the same run (paths "
-                "alternated) are the valid figures, absolute times are not",
+        "note": "measured on a shared, loaded machine (see the load averages); with one torch thread "
+                "the times are process CPU time (immune to preemption; wall-clock ratios beside them), "
+                "and ratios measured in the same run (paths alternated) are the valid figures, "
+                "absolute times are not",
         "results": rows,
     }
     print(f"wrote {write_json(args.out, payload)}")

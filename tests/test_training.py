@@ -318,3 +318,17 @@ def test_bad_init_from_is_one_clear_error(tmp_path, training_cache):
     with pytest.raises(TrainingError, match="not found"):
         Trainer(tiny_config(tmp_path, training_cache, stage="knowledge_recall", init_from=tmp_path / "nope"),
                 progress=False)
+
+
+def test_knowledge_recall_starts_from_a_wan_checkpoint(tmp_path, training_cache, tiny_generator):
+    """A diffusers-format Wan directory goes through the conversion; its video weights are kept."""
+    from univigu.models.convert import export_diffusers
+
+    generator = load_bundle(tiny_generator).transformer
+    wan_dir = export_diffusers(generator, tmp_path / "wan")
+    trainer = Trainer(tiny_config(tmp_path / "kr", training_cache, stage="knowledge_recall", init_from=wan_dir),
+                      progress=False)
+    state = trainer.model.state_dict()
+    for name, value in generator.state_dict().items():
+        assert torch.equal(state[name], value), name
+    assert trainer.model.has_text_stream and trainer.train_step()["text_loss"] > 0

@@ -182,7 +182,8 @@ def expected_groups(num_layers: int) -> dict[str, set[str]]:
     video = {f"patch_embedding{s}" for s in wb} | {"scale_shift_table"} | {f"proj_out{s}" for s in wb}
     video |= {f"condition_embedder.{m}{s}" for m in ("time_embedder.linear_1", "time_embedder.linear_2",
                                                       "time_proj") for s in wb}
-    text = {"text_stream.token_embedding.weight", "text_stream.scale_shift_table", "text_stream.norm_out.weight"}
+    text = {"text_stream.token_embedding.weight", "text_stream.position_embedding", "text_stream.scale_shift_table",
+            "text_stream.norm_out.weight"}
     text |= {f"text_stream.{m}{s}" for m in ("time_embedder.linear_1", "time_embedder.linear_2", "time_proj",
                                              "proj_out") for s in wb}
     shared = {f"condition_embedder.text_embedder.linear_{i}{s}" for i in (1, 2) for s in wb}

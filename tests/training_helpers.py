@@ -22,13 +22,18 @@ TEXT_MIXTURE = ["train.mixture.t2v=0.4", "train.mixture.v2t=0.4", "train.mixture
                 "train.mixture.video_dropout=0.25"]
 
 
-def tiny_config(output_dir, cache_dir, *overrides, stage="generator", init_from=None):
+def tiny_overrides(output_dir, cache_dir, *overrides, stage="generator", init_from=None) -> list[str]:
+    """`key=value` strings of a tiny run (for `load_config` or the `univigu train` command line)."""
     extra = [f"train.output_dir={output_dir}", f"train.cache_dir={cache_dir}", f"train.stage={stage}"]
     if stage != "generator":
         extra += TEXT_MIXTURE
     if init_from is not None:
         extra.append(f"train.init_from={init_from}")
-    return load_config(None, TINY + extra + list(overrides))
+    return TINY + extra + list(overrides)
+
+
+def tiny_config(output_dir, cache_dir, *overrides, stage="generator", init_from=None):
+    return load_config(None, tiny_overrides(output_dir, cache_dir, *overrides, stage=stage, init_from=init_from))
 
 
 @pytest.fixture(scope="session")

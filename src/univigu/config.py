@@ -65,6 +65,9 @@ class TransformerConfig:
     text_rope: Literal["interleaved", "rotate_half", "none"] = "interleaved"
     text_rope_theta: float = 10000.0
     text_norm_eps: float = 1e-5
+    # A learned absolute position embedding for text tokens (ours; the published model has none).
+    # It lets an all-[MASK] canvas tell its positions apart from the first layer on.
+    text_position_embedding: bool = True
     attention_policy: Literal["full", "clean_isolated"] = "clean_isolated"
 
     @property

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-EXAMPLE = """example:
+EXAMPLE = """examples:
   univigu train --config configs/shapesworld-generator.yaml train.steps=200 train.output_dir=runs/gen
-  torchrun --nproc_per_node=2 -m univigu train --config configs/tiny.yaml   # FSDP2 (gloo on CPU)
+  univigu train --config CONFIG train.stage=knowledge_recall train.init_from=runs/gen/model train.output_dir=runs/kr
+  torchrun --nproc_per_node=2 -m univigu train --config CONFIG   # FSDP2 + DCP (gloo on CPU, NCCL on GPU)
+
+Outputs in train.output_dir: checkpoints/ (atomic; a rerun resumes from the newest), metrics.jsonl
+(+ TensorBoard scalars in tb/ when tensorboard is installed), best/ (by train.best_metric),
+samples/ (every train.sample_every steps) and model/ (the EMA weights, for the pipeline).
+Latents and prompt embeddings are cached in train.cache_dir (default ~/.cache/univigu).
 """
 
 

@@ -254,7 +254,7 @@ def published_config(state: Mapping[str, torch.Tensor], text_length: int, masked
             "vocab_size": vocab, "mask_token": masked, "text_length": text_length,
             "text_ffn_dim": None if text_ffn == video["ffn_dim"] else text_ffn,
             "text_rope": "rotate_half", "text_rope_theta": 10000.0, "text_norm_eps": 1e-5,
-            "attention_policy": "full"}
+            "attention_policy": "full", "text_position_embedding": False}
     try:
         return from_dict(TransformerConfig, data)
     except ConfigError as err:

@@ -62,6 +62,8 @@ class TextStream(nn.Module):
         super().__init__()
         dim = cfg.inner_dim
         self.token_embedding = nn.Embedding(cfg.vocab_size + int(cfg.mask_token), dim)
+        if cfg.text_position_embedding:
+            self.position_embedding = nn.Parameter(torch.zeros(cfg.text_length, dim))
         self.time_embedder = TimestepEmbedding(cfg.freq_dim, dim)
         self.time_proj = nn.Linear(dim, 6 * dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
@@ -196,6 +198,8 @@ class UniViGUTransformer(nn.Module):
         if self.text_stream is not None:
             ts = self.text_stream
             nn.init.normal_(ts.token_embedding.weight, std=0.02)
+            if self.config.text_position_embedding:
+                nn.init.normal_(ts.position_embedding, std=0.02)
             for lin in (ts.time_embedder.linear_1, ts.time_embedder.linear_2):
                 nn.init.normal_(lin.weight, std=0.02)
             nn.init.zeros_(ts.proj_out.weight)
@@ -268,6 +272,8 @@ class UniViGUTransformer(nn.Module):
     def _embed_text(self, text, t_text):
         ts = self.text_stream
         ht = ts.token_embedding(text)
+        if self.config.text_position_embedding:
+            ht = ht + ts.position_embedding[: text.shape[1]]
         temb, mod = _time_modulation(t_text, self.config.freq_dim, ts.time_embedder, ts.time_proj)
         tables = text_rope(text.shape[1], self.config.attention_head_dim, self.config.text_rope_theta,
                            self.config.text_rope, device=text.device)

@@ -24,7 +24,8 @@ from ..config import ConfigError, TransformerConfig, from_dict, to_dict
 from .transformer import UniViGUTransformer
 
 #: Config fields a caller may set for the new text stream; everything else comes from the video model.
-TEXT_OPTIONS = ("text_ffn_dim", "text_rope", "text_rope_theta", "text_norm_eps", "attention_policy")
+TEXT_OPTIONS = ("text_ffn_dim", "text_rope", "text_rope_theta", "text_norm_eps", "attention_policy",
+                "text_position_embedding")
 
 
 class UnifyError(ValueError):
@@ -87,6 +88,8 @@ def unify_video_model(video_model: UniViGUTransformer, vocab_size: int, text_len
         model = UniViGUTransformer(config)
         generator = torch.Generator().manual_seed(seed + 1)
         nn.init.normal_(model.text_stream.token_embedding.weight, std=0.02, generator=generator)
+        if config.text_position_embedding:
+            nn.init.normal_(model.text_stream.position_embedding, std=0.02, generator=generator)
 
     video_state = video_model.state_dict()
     missing, unexpected = model.load_state_dict(video_state, strict=False)

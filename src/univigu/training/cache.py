@@ -189,7 +189,8 @@ def cached_prompt_embeddings(prompts: Sequence[str], encoder_config: PromptEncod
         if missing:
             fresh = encode_prompts(encoder, missing, progress=progress)
             entries = {keys[p]: fresh[_precompute_key(p)][0] for p in missing}
-        entries[NULL_KEY] = encoder.null_condition()[0][0].float().cpu()
+        if NULL_KEY not in store:
+            entries[NULL_KEY] = encoder.null_condition()[0][0].float().cpu()
         store.put(entries)
         del encoder
     return {p: store.get(keys[p]).float() for p in unique}, store.get(NULL_KEY).float()

@@ -230,7 +230,9 @@ def restore_training_state(path: str | Path, model, optimizer, ema: dict, ctx=No
         model_state, optim_state = get_state_dict(model, optimizer)
         target = {"model": model_state, "optim": optim_state, "ema": ema}
         try:
-            dcp.load(target, checkpoint_id=str(path / "dcp"))
+            with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                dcp.load(target, checkpoint_id=str(path / "dcp"))
         except Exception as err:  # DCP raises CheckpointException and others, with long traces
             raise CheckpointError(f"cannot load the sharded checkpoint {path}: {str(err).splitlines()[0]}") from None
         set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])

@@ -63,8 +63,9 @@ class DistributedContext:
     def wrap(self, model: nn.Module, bf16: bool = False) -> nn.Module:
         """FSDP2: `fully_shard` every transformer block, then the root (in place; returns `model`).
 
-        fp32 unless `bf16`: then parameters are all-gathered in bf16 and gradients reduced in fp32
-        (`MixedPrecisionPolicy`), except the timestep embeddings, which keep fp32 (`FP32_MODULES`).
+        fp32 unless `bf16` (meant for CUDA, with bf16 autocast around the forward): then parameters
+        are all-gathered in bf16 and gradients reduced in fp32 (`MixedPrecisionPolicy`), except the
+        timestep embeddings, which keep fp32 (`FP32_MODULES`).
         Build the optimizer after wrapping: the parameters become sharded DTensors.
         """
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -72,8 +73,12 @@ class DistributedContext:
         # Our blocks return split views that are never modified in place; FSDP warns on every one.
         warnings.filterwarnings("ignore", message=r".*FSDP2-wrapped module .* returned a view tensor")
         if bf16:
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+            # Inputs are not cast: timesteps and modulation must reach the model in fp32; the
+            # trainer's bf16 autocast runs the matmuls in bf16.
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                          cast_forward_inputs=False)
+            fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                        cast_forward_inputs=False)
             modules = dict(model.named_modules())
             for name in FP32_MODULES:
                 if name in modules:

@@ -138,7 +138,9 @@ class Trainer:
         if self.tokenizer is not None:
             self.text_path = MixtureTextPath.from_config(cfg.flow, self.tokenizer.vocab_size,
                                                          self.tokenizer.special_ids)
-        self.train_model = self.model if distributed is None else distributed.wrap(self.model, bf16=self.use_bf16)
+        if distributed is not None:  # FSDP2; bf16 parameter all-gathers only on GPUs
+            distributed.wrap(self.model, bf16=self.use_bf16 and self.device.type == "cuda")
+        self.train_model = self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         # EMA in fp32, sharded like the model under FSDP2 (DTensors); frozen entries never change.
@@ -230,7 +232,8 @@ class Trainer:
         return unify_video_model(base, vocab_size=self.tokenizer.vocab_size, text_length=m.text_length,
                                  mask_token=cfg.flow.text_source == "mask", init="copy",
                                  attention_policy=m.attention_policy, text_rope=m.text_rope,
-                                 text_ffn_dim=m.text_ffn_dim, seed=t.seed)
+                                 text_ffn_dim=m.text_ffn_dim, seed=t.seed,
+                                 text_position_embedding=m.text_position_embedding)
 
     def _build_validator(self) -> Validator | None:
         source = self.val_source
