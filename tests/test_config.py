@@ -16,6 +16,10 @@ def test_yaml_round_trip_keeps_every_value(tmp_path):
     assert again.train.mixture.v2t == 0.25 and again.model.text_ffn_dim == 100
 
 
+def test_exponent_notation_override_is_a_number():
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3
+
+
 def test_partial_file_is_completed_with_defaults(tmp_path):
     (tmp_path / "p.yaml").write_text("model:\n  num_layers: 7\n")
     cfg = load_config(tmp_path / "p.yaml")

@@ -386,6 +386,9 @@ def cached_manifest_latents(manifest: str | Path, codec, codec_config: CodecConf
         raise CacheError(f"{len(todo)} clip latents missing from the cache {store.directory}")
     failed = set()
     pending: dict[str, torch.Tensor] = {}
+    home = next((p.device for p in codec.parameters()), None)  # learned codecs encode on `device`
+    if todo and home is not None:
+        codec.to(device)
     by_bucket: dict[int, list[tuple[dict, str]]] = {}
     for r, k, b in todo:
         by_bucket.setdefault(b, []).append((r, k))
@@ -412,6 +415,8 @@ def cached_manifest_latents(manifest: str | Path, codec, codec_config: CodecConf
                     pending = {}
     if pending:
         store.put(pending)
+    if todo and home is not None:
+        codec.to(home)
     if skipped:
         warnings.warn(f"{len(skipped)} of {len(records)} clips left out, e.g. {skipped[0]}",
                       SkippedClipsWarning, stacklevel=2)

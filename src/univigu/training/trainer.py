@@ -168,7 +168,7 @@ class Trainer:
         if t.manifest:
             return self._rank0_first(lambda compute: cached_manifest_latents(
                 t.manifest, self.codec, self.cfg.codec, world, self.cache_dir, t.buckets,
-                compute=compute, progress=self.progress))
+                device=self.device, compute=compute, progress=self.progress))
         return shapesworld_set(t.num_train_videos, t.seed, world, progress=self.progress)
 
     def _load_validation_source(self):
@@ -180,7 +180,7 @@ class Trainer:
                 return None
             return self._rank0_first(lambda compute: cached_manifest_latents(
                 t.val_manifest, self.codec, self.cfg.codec, self.cfg.world, self.cache_dir,
-                compute=compute, progress=self.progress))
+                device=self.device, compute=compute, progress=self.progress))
         return shapesworld_set(t.eval_samples, t.seed, self.cfg.world, split="val", progress=False)
 
     def _load_prompts(self) -> tuple[PromptBank, torch.Tensor]:
