@@ -262,7 +262,9 @@ class UniViGUTransformer(nn.Module):
     # ------------------------------------------------------------------ stream helpers
     def _embed_video(self, video, t_video):
         grid = self._check_video(video)
-        hv = self.patch_embedding(video).flatten(2).transpose(1, 2)
+        # contiguous: otherwise the residual stream keeps the conv's [B, D, N] memory layout through
+        # every block (elementwise results follow their inputs' strides), slowing norms and GEMMs.
+        hv = self.patch_embedding(video).flatten(2).transpose(1, 2).contiguous()
         temb, mod = _time_modulation(t_video, self.config.freq_dim, self.condition_embedder.time_embedder,
                                      self.condition_embedder.time_proj)
         cos, sin = video_rope(grid, self.config.attention_head_dim, device=video.device)

@@ -296,8 +296,11 @@ class Trainer:
         condition = self.prompts([self.data.prompts[i] for i in index])
         text = None
         if self.tokenizer is not None:
-            source = self.data.prompts if t.stage == "knowledge_recall" else self.data.captions
-            text = self.tokenizer.encode([source[i] for i in index], self.model_config.text_length, truncate=True)
+            target = self.data.prompts if t.stage == "knowledge_recall" else self.data.captions
+            # A T2V sample's clean text stream holds the prompt in every stage: at inference a user
+            # gives a prompt, not a detailed caption. V2T and joint samples learn the stage's target.
+            texts = [self.data.prompts[i] if task == "t2v" else target[i] for i, task in zip(index, tasks)]
+            text = self.tokenizer.encode(texts, self.model_config.text_length, truncate=True)
         return StepBatch(video=video, condition=condition, text=text, tasks=tasks, generators=gens)
 
     def noise(self, batch: StepBatch) -> NoisedBatch:
