@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--cr_steps", type=int, default=None, help="Capability Refinement steps (default: preset)")
     p.add_argument("--from-scratch", dest="from_scratch", action="store_true",
                    help="train the generator too instead of loading the shipped one")
+    p.add_argument("--generator", default=None,
+                   help="start from this generator model directory instead of the shipped one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
@@ -49,15 +51,17 @@ def _stage(name: str, out: Path, init_from: Path, steps: int | None, progress: b
     from ..training.trainer import Trainer
 
     overrides = [f"train.stage={name}", f"train.init_from={init_from}", f"train.output_dir={out / name}"]
-    if name == "capability_refinement":
-        overrides.append("train.mixture.t2v=0.3")
     if steps is not None:
         overrides.append(f"train.steps={steps}")
     cfg = load_config("shapesworld-unified", overrides)
     return Trainer(cfg, device=device, progress=progress).run()
 
 
-def _generator(out: Path, from_scratch: bool, progress: bool, device: str) -> Path:
+def _generator(out: Path, from_scratch: bool, progress: bool, device: str, directory: str | None) -> Path:
+    if directory:
+        if not (Path(directory) / "model_index.json").is_file():
+            raise FileNotFoundError(f"{directory} is not a univigu model directory (no model_index.json)")
+        return Path(directory)
     if not from_scratch:
         directory = shipped_generator_dir()
         if not (directory / "model_index.json").is_file():
@@ -96,7 +100,7 @@ def run(args) -> int:
         print(f"   {name}: {times[name]:.0f} s", flush=True)
         return result
 
-    gen_dir = phase("generator", _generator, out, args.from_scratch, progress, device)
+    gen_dir = phase("generator", _generator, out, args.from_scratch, progress, device, args.generator)
     world = load_bundle(gen_dir).world
     kr_dir = phase("knowledge_recall", _stage, "knowledge_recall", out, gen_dir, args.kr_steps, progress, device)
     cr_dir = phase("capability_refinement", _stage, "capability_refinement", out, kr_dir, args.cr_steps,
