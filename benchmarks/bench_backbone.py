@@ -5,6 +5,9 @@ shares) and see the same inputs. For every case, precision (fp32, bf16 autocast)
 (forward, forward+backward) the two run alternately in one process -- ours first on even
 repetitions, diffusers first on odd ones, so drift in machine load hits both -- and we report the
 median of the timed repetitions after warm-up, and the ratio ours / diffusers (< 1: ours is faster).
+On a CPU the default clock is this process's CPU time on one thread: on a shared machine, wall
+time mostly measures the other processes. Note that CPUs without native bf16 (AVX2 only) emulate
+bf16 matmuls, so bf16 autocast there is several times slower than fp32 for both models.
 
     python benchmarks/bench_backbone.py            # full run
     python benchmarks/bench_backbone.py --quick    # fewer repetitions
@@ -35,7 +38,7 @@ CASES = {
                    freq_dim=256, ffn_dim=1024, num_layers=6), (16, 5, 16, 16), 8, 32),
     # One block of Wan2.1-T2V-1.3B (12 heads x 128, FFN 8960, UMT5 width 4096), few tokens.
     "wan1.3b_block": (dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                           text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=1), (16, 2, 16, 16), 2, 64),
+                           text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=1), (16, 1, 16, 16), 2, 64),
 }
 
 
@@ -81,17 +84,18 @@ def runner(model, is_ours: bool, inputs, backward: bool):
     return run
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for one call."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def bench_case(name, device, precisions, modes, warmup, repeats):
+def bench_case(name, device, precisions, modes, warmup, repeats, clock):
     fields, latent, batch, condition_length = CASES[name]
     ours, reference = build_pair(fields, device)
     inputs = make_inputs(ours.config, latent, batch, condition_length, device)
@@ -112,6 +116,7 @@ def bench_case(name, device, precisions, modes, warmup, repeats):
             grad = nullcontext() if backward else torch.no_grad()
             fns = {"ours": runner(ours, True, inputs, backward), "diffusers": runner(reference, False, inputs, backward)}
             times = {"ours": [], "diffusers": []}
+            other = {"ours": [], "diffusers": []}  # the clock not used for the ratio
             with grad, autocast:
                 for _ in range(warmup):
                     for fn in fns.values():
@@ -119,11 +124,15 @@ def bench_case(name, device, precisions, modes, warmup, repeats):
                 for rep in range(repeats):
                     order = ("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours")
                     for who in order:
-                        times[who].append(timed(fns[who], device))
+                        wall, cpu = timed(fns[who], device)
+                        times[who].append(cpu if clock == "cpu" else wall)
+                        other[who].append(wall if clock == "cpu" else cpu)
             ours_s, diff_s = statistics.median(times["ours"]), statistics.median(times["diffusers"])
             row = dict(case=name, precision=precision, mode=mode, batch=batch, video_tokens=tokens,
                        ours_s=ours_s, diffusers_s=diff_s, ratio=ours_s / diff_s, output_rel_diff=rel_diff,
-                       ours_all_s=times["ours"], diffusers_all_s=times["diffusers"])
+                       clock=clock, ours_all_s=times["ours"], diffusers_all_s=times["diffusers"],
+                       other_clock_ours_s=statistics.median(other["ours"]),
+                       other_clock_diffusers_s=statistics.median(other["diffusers"]))
             rows.append(row)
             print(f"{name:14s} {precision:5s} {mode:17s} ours {ours_s * 1e3:9.1f} ms  diffusers "
                   f"{diff_s * 1e3:9.1f} ms  ratio {row['ratio']:.3f}  (rel diff {rel_diff:.1e})", flush=True)
@@ -140,26 +149,33 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (median of these)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 on CPU, so the CPU clock measures one core's work)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default=None,
+                        help="time to compare: wall clock, or this process's CPU time (default: cpu on a CPU "
+                             "device, which other processes on a shared machine do not inflate; wall on GPU)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "backbone_speed.json"))
     args = parser.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 11)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     if repeats < 5:
         parser.error("--repeats must be >= 5 (the median of fewer says little)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    threads = args.threads or (1 if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    clock = args.clock or ("cpu" if device.type == "cpu" else "wall")
 
     import diffusers
 
     rows = []
     for name in args.cases:
-        rows += bench_case(name, device, args.precisions, args.modes, warmup, repeats)
+        rows += bench_case(name, device, args.precisions, args.modes, warmup, repeats, clock)
     result = {
         "benchmark": "video backbone: univigu UniViGUTransformer (vocab_size=0) vs diffusers WanTransformer3DModel",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "clock": clock,
         "repeats": repeats, "warmup": warmup,
         "cases": {name: dict(config=CASES[name][0], latent=CASES[name][1], batch=CASES[name][2],
                              condition_length=CASES[name][3]) for name in args.cases},

