@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))  # a GPU machine without the package installed
 from common import load_average, machine_info, median, training_step_flops, write_json  # noqa: E402
 
 from univigu.config import TransformerConfig  # noqa: E402
