@@ -33,6 +33,12 @@ class CodecError(ValueError):
     """A codec cannot take this input (shape, frame count, size) or cannot be loaded."""
 
 
+def _check_positive_sizes(num_frames: int, height: int, width: int) -> None:
+    for name, value in (("num_frames", num_frames), ("height", height), ("width", width)):
+        if not isinstance(value, int) or value < 1:
+            raise CodecError(f"{name} must be a positive integer, got {value!r}")
+
+
 class LatentCodec(nn.Module):
     """Common interface of every codec.
 
@@ -126,9 +132,7 @@ class PixelShuffleCodec(LatentCodec):
 
     def check_frames(self, num_frames: int, height: int, width: int, patch: int = 2) -> None:
         sf, tf = self.spatial_factor, self.temporal_factor
-        for name, value in (("num_frames", num_frames), ("height", height), ("width", width)):
-            if not isinstance(value, int) or value < 1:
-                raise CodecError(f"{name} must be a positive integer, got {value!r}")
+        _check_positive_sizes(num_frames, height, width)
         if num_frames % tf != 0:
             raise CodecError(
                 f"pixel_shuffle codec with temporal_factor={tf} needs a frame count divisible by "
@@ -242,9 +246,7 @@ class WanVAECodec(LatentCodec):
 
     def check_frames(self, num_frames: int, height: int, width: int, patch: int = 2) -> None:
         tf, sf = self.temporal_factor, self.spatial_factor
-        for name, value in (("num_frames", num_frames), ("height", height), ("width", width)):
-            if not isinstance(value, int) or value < 1:
-                raise CodecError(f"{name} must be a positive integer, got {value!r}")
+        _check_positive_sizes(num_frames, height, width)
         if (num_frames - 1) % tf != 0:
             raise CodecError(
                 f"Wan VAE needs {tf}n+1 frames (1, {tf + 1}, {2 * tf + 1}, ...), "
