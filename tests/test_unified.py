@@ -164,6 +164,31 @@ def test_cached_video_velocity_equals_uncached_with_clean_text():
     torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
 
 
+def test_sample_prediction_is_the_velocity_of_the_predicted_clean_video():
+    # Same weights: the velocity head's raw output is the clean-sample estimate x0_hat, and the
+    # sample-prediction model must return (x_t - x0_hat) / max(t, min_t).
+    velocity_model = backbone(3)
+    sample_model = backbone(3, video_prediction="sample", sample_prediction_min_t=0.1)
+    video, _, condition = inputs(batch=3)
+    t = torch.tensor([0.0, 500.0, 1000.0])
+    with torch.no_grad():
+        x0_hat = velocity_model(video, None, t, None, condition)[0]
+        velocity = sample_model(video, None, t, None, condition)[0]
+    expected = (video - x0_hat) / torch.tensor([0.1, 0.5, 1.0]).view(3, 1, 1, 1, 1)
+    torch.testing.assert_close(velocity, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_prediction_cached_equals_uncached():
+    model = unify_video_model(backbone(4, video_prediction="sample"), V, L)
+    randomize(model, 5)
+    video, text, condition = inputs(batch=2)
+    t_video = torch.tensor([30.0, 700.0])
+    with torch.no_grad():
+        cached = model.step_video(video, t_video, model.prefill("text", text=text, condition=condition))
+        uncached = model(video, text, t_video, torch.zeros(2), condition)[0]
+    torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
+
+
 def test_text_alone_forward_equals_clean_text_in_a_joint_forward():
     # Under clean_isolated a clean text does not attend to the video, so its logits must be those
     # of the text-alone forward (the text-guidance branch).

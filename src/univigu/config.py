@@ -69,6 +69,12 @@ class TransformerConfig:
     # It lets an all-[MASK] canvas tell its positions apart from the first layer on.
     text_position_embedding: bool = True
     attention_policy: Literal["full", "clean_isolated"] = "clean_isolated"
+    # What the video head predicts. Wan predicts the velocity. "sample" predicts the clean latents
+    # and converts them to a velocity, (x_t - x0_hat) / max(t, min_t): a denoiser whose token holds
+    # more values than its width (pixel latents: 192 per token) cannot pass the noise through, but
+    # the clean video lies on a low-dimensional set it can reach (Li & He 2025, "Back to Basics").
+    video_prediction: Literal["velocity", "sample"] = "velocity"
+    sample_prediction_min_t: float = 0.05
 
     @property
     def inner_dim(self) -> int:

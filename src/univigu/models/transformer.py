@@ -168,6 +168,8 @@ class UniViGUTransformer(nn.Module):
             config = from_dict(TransformerConfig, {**to_dict(config), **overrides})
         if config.attention_head_dim % 2:
             raise ModelInputError(f"attention_head_dim must be even, got {config.attention_head_dim}")
+        if not 0 < config.sample_prediction_min_t <= 1:
+            raise ModelInputError(f"sample_prediction_min_t must lie in (0, 1], got {config.sample_prediction_min_t}")
         self.config = config
         self.gradient_checkpointing = False
         dim = config.inner_dim
@@ -295,6 +297,14 @@ class UniViGUTransformer(nn.Module):
         x = x.reshape(batch, f, h, w, pt, ph, pw, cfg.out_channels)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(batch, cfg.out_channels, f * pt, h * ph, w * pw).float()
 
+    def _as_velocity(self, out: torch.Tensor, video: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The head's output as a velocity: unchanged, or from a clean-sample prediction."""
+        cfg = self.config
+        if cfg.video_prediction == "velocity":
+            return out
+        t = (timestep.float() / 1000).clamp(min=cfg.sample_prediction_min_t)
+        return (video.float() - out) / t.view(-1, *([1] * (out.dim() - 1)))
+
     def _text_head(self, ht, temb):
         ts = self.text_stream
         shift, scale = (ts.scale_shift_table + temb.float()[:, None]).chunk(2, dim=1)
@@ -387,7 +397,7 @@ class UniViGUTransformer(nn.Module):
 
         velocity = logits = None
         if video is not None:
-            velocity = self._video_head(hidden[0], temb_v, grid, batch)
+            velocity = self._as_velocity(self._video_head(hidden[0], temb_v, grid, batch), video, t_video)
         if text is not None:
             logits = self._text_head(hidden[-1], temb_t)
         return velocity, logits
@@ -465,7 +475,7 @@ class UniViGUTransformer(nn.Module):
         hv, temb, mod, rope, grid = self._embed_video(video, t)
         mask = self._prefix_mask(t, hv.shape[1], cache.num_tokens)
         (hv,) = self._run_blocks([(hv, mod, "video")], cache.context, rope, mask, prefix=cache)
-        return self._video_head(hv, temb, grid, video.shape[0])
+        return self._as_velocity(self._video_head(hv, temb, grid, video.shape[0]), video, t)
 
     # ------------------------------------------------------------------ parameter groups
     def parameter_group(self, name: str) -> str:
