@@ -62,16 +62,16 @@ def per_token_flops(config: TransformerConfig, modality: str, n_keys: int, condi
 
 
 def per_sample_flops(config: TransformerConfig, condition_length: int, *, context_projection: bool = True,
-                     timestep_embeddings: int = 1) -> int:
+                     context_kv: bool = True, timestep_embeddings: int = 1) -> int:
     """Forward FLOPs of one sample that do not depend on its token count.
 
-    Cross-attention keys and values of the prompt in every layer (4 Lc D^2 per layer), the prompt
-    projection Linear(text_dim, D) -> Linear(D, D) (2 Lc (text_dim D + D^2); skipped when a cache
-    holds it) and each modality's timestep embedding Linear(freq, D) -> Linear(D, D) -> Linear(D, 6D)
-    (2 (freq D + D^2 + 6 D^2) each).
+    Cross-attention keys and values of the prompt in every layer (4 Lc D^2 per layer; skipped when
+    a cache holds them), the prompt projection Linear(text_dim, D) -> Linear(D, D)
+    (2 Lc (text_dim D + D^2); skipped when a cache holds it) and each modality's timestep embedding
+    Linear(freq, D) -> Linear(D, D) -> Linear(D, 6D) (2 (freq D + D^2 + 6 D^2) each).
     """
     d = config.inner_dim
-    f = config.num_layers * 4 * condition_length * d * d
+    f = config.num_layers * 4 * condition_length * d * d if context_kv else 0
     if context_projection:
         f += 2 * condition_length * (config.text_dim * d + d * d)
     f += timestep_embeddings * 2 * (config.freq_dim * d + d * d + 6 * d * d)
@@ -89,7 +89,8 @@ def forward_flops(config: TransformerConfig, batch: int, n_video: int, n_text: i
 
 
 def prefill_flops(config: TransformerConfig, batch: int, n_video: int, condition_length: int) -> int:
-    """FLOPs of `prefill(clean='video')`: the video tokens through every block (no velocity head)."""
+    """FLOPs of `prefill(clean='video')`: the video tokens through every block (no velocity head),
+    with the prompt projection and its cross-attention keys/values, which the cache keeps."""
     patch = config.patch_size[0] * config.patch_size[1] * config.patch_size[2]
     head = 2 * config.inner_dim * config.out_channels * patch
     tokens = n_video * (per_token_flops(config, "video", n_video, condition_length) - head)
@@ -97,10 +98,11 @@ def prefill_flops(config: TransformerConfig, batch: int, n_video: int, condition
 
 
 def step_text_flops(config: TransformerConfig, batch: int, n_text: int, n_video: int, condition_length: int) -> int:
-    """FLOPs of one `step_text` against a clean-video cache (the prompt projection is cached; the
-    cross-attention keys/values of the prompt are recomputed in every layer)."""
+    """FLOPs of one `step_text` against a clean-video cache (the prompt projection and the
+    cross-attention keys/values of the prompt in every layer come from the cache)."""
     tokens = n_text * per_token_flops(config, "text", n_video + n_text, condition_length)
-    return batch * (tokens + per_sample_flops(config, condition_length, context_projection=False))
+    return batch * (tokens + per_sample_flops(config, condition_length, context_projection=False,
+                                              context_kv=False))
 
 
 def training_step_flops(config: TransformerConfig, batch: int, n_video: int, n_text: int,

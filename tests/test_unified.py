@@ -164,6 +164,53 @@ def test_cached_video_velocity_equals_uncached_with_clean_text():
     torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
 
 
+def test_one_cache_serves_steps_of_several_text_lengths_and_modes():
+    # The cache writes each step's keys/values into buffers after the cached ones: a step of any
+    # length, shorter or longer than the last, and in any grad mode must still see exactly
+    # [cached; own] keys.
+    model = unified()
+    video, text, condition = inputs(batch=2)
+    t = torch.tensor([0.0, 600.0])
+    with torch.inference_mode():
+        cache = model.prefill("video", video=video, condition=condition)
+        for n in (2, L, 4):  # the buffers grow once, then serve shorter steps
+            cached = model.step_text(text[:, :n], t, cache)
+            uncached = model(video, text[:, :n], torch.zeros(2), t, condition)[1]
+            torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
+        assert len(cache.buffers) == 2 and cache.buffers[0][0].shape[1] == cache.num_tokens + L
+    with torch.no_grad():  # an inference-mode cache outside inference mode: not written
+        torch.testing.assert_close(model.step_text(text, t, cache),
+                                   model(video, text, torch.zeros(2), t, condition)[1], rtol=1e-5, atol=1e-5)
+    grad_cache = model.prefill("video", video=video, condition=condition)  # autograd: concatenated
+    logits = model.step_text(text, t, grad_cache)
+    logits.square().sum().backward()
+    assert model.blocks[0].attn1.to_k.weight.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(video, text, torch.zeros(2), t, condition)[1],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_text_rope_tables_are_cached_per_length_style_and_device():
+    from univigu.models.layers import text_rope
+
+    with torch.inference_mode():
+        first = text_rope(5, 16)
+    assert not first[0].is_inference()  # usable by training later
+    assert text_rope(5, 16)[0] is first[0]
+    for length in (3, 7):
+        cos, sin = text_rope(length, 16)
+        angles = torch.arange(length, dtype=torch.float64)[:, None] * 10000.0 ** (
+            -torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+        torch.testing.assert_close(cos, angles.repeat_interleave(2, dim=-1).cos().float())
+        torch.testing.assert_close(sin, angles.repeat_interleave(2, dim=-1).sin().float())
+    half = text_rope(5, 16, style="rotate_half")[0]
+    assert not torch.equal(half, first[0]) and torch.equal(half[:, :8], half[:, 8:])
+    assert text_rope(5, 16, device="meta")[0].device.type == "meta"
+    assert text_rope(5, 16, style="none") is None
+    with pytest.raises(ValueError, match="spiral"):
+        text_rope(5, 16, style="spiral")
+
+
 def test_sample_prediction_is_the_velocity_of_the_predicted_clean_video():
     # Same weights: the velocity head's raw output is the clean-sample estimate x0_hat, and the
     # sample-prediction model must return (x_t - x0_hat) / max(t, min_t).

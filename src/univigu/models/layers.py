@@ -147,18 +147,28 @@ def text_rope(length: int, head_dim: int, theta: float = 10000.0, style: str = "
 
     `interleaved` pairs channels (2i, 2i+1) like Wan; `rotate_half` pairs (i, i + d/2) like the
     published Uni-ViGU text stream. The table layout encodes the convention, so one rotation
-    function serves both (see `apply_rope`).
+    function serves both (see `apply_rope`). Tables are cached per (length, head_dim, theta, style,
+    device); callers must not modify them in place.
     """
+    if style not in ("interleaved", "rotate_half", "none"):
+        raise ValueError(f"unknown text RoPE style {style!r}")
     if style == "none":
         return None
-    angles = _axis_angles(torch.arange(length, device=device), head_dim, theta)
-    if style == "interleaved":
-        angles = angles.repeat_interleave(2, dim=-1)
-    elif style == "rotate_half":
-        angles = torch.cat([angles, angles], dim=-1)
-    else:
-        raise ValueError(f"unknown text RoPE style {style!r}")
-    return angles.cos().float(), angles.sin().float()
+    # Cached like the video tables: the sampler asks for the same table at every step.
+    return _text_rope_tables(int(length), int(head_dim), float(theta), style,
+                             torch.device(device if device is not None else "cpu"))
+
+
+@functools.lru_cache(maxsize=16)
+def _text_rope_tables(length: int, head_dim: int, theta: float, style: str,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode(False), torch.no_grad():
+        angles = _axis_angles(torch.arange(length, device=device), head_dim, theta)
+        if style == "interleaved":
+            angles = angles.repeat_interleave(2, dim=-1)
+        else:
+            angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos().float(), angles.sin().float()
 
 
 def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,11 @@ attend to the other one, which makes its per-layer keys/values cacheable (`prefi
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -80,6 +82,17 @@ def _time_modulation(t: torch.Tensor, freq_dim: int, embedder: TimestepEmbedding
     return temb, mod.unflatten(1, (6, -1))
 
 
+@functools.lru_cache(maxsize=16)
+def _text_rope_tuple(length: int, head_dim: int, theta: float, style: str, device: torch.device) -> tuple:
+    """(cos, sin, pairing) of the text stream, cached: every sampler step asks for the same one."""
+    with torch.inference_mode(False), torch.no_grad():
+        tables = text_rope(length, head_dim, theta, style, device=device)
+        if tables is None:  # no rotation: identity tables
+            tables = (torch.ones(length, head_dim, device=device), torch.zeros(length, head_dim, device=device))
+        pairing = torch.ones(length, device=device) if style == "rotate_half" else None  # None: interleaved
+        return (*tables, pairing)
+
+
 def _cat_tokens(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate streams along the tokens; a lone stream is passed through (no copy)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -104,7 +117,8 @@ class UniViGUBlock(nn.Module):
 
     def forward(self, streams: list[tuple[torch.Tensor, torch.Tensor, str]], context: torch.Tensor,
                 rope: tuple | None, mask: torch.Tensor | None,
-                prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+                prefix_kv: tuple[torch.Tensor, torch.Tensor] | Callable | None = None,
+                context_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Run one block over the token streams present.
 
         Args:
@@ -112,7 +126,9 @@ class UniViGUBlock(nn.Module):
             context: projected prompt embedding [B, Lc, D].
             rope: (cos, sin, pairing) tables for the concatenated streams.
             mask: [B, 1, S, S_keys] bool attention mask or None.
-            prefix_kv: cached keys/values of a clean modality, prepended to the keys.
+            prefix_kv: cached keys/values of a clean modality, prepended to the keys; or a function
+                (k, v) -> (keys, values) that does the prepending (`ModalityCache.join`).
+            context_kv: the cross-attention keys/values of `context`, when already computed.
 
         Returns:
             (new hidden states per stream, (keys, values) of the processed tokens).
@@ -125,13 +141,16 @@ class UniViGUBlock(nn.Module):
         q = self.attn1.project_q(x, rope)
         k, v = self.attn1.project_kv(x, rope)
         new_kv = (k, v)
-        if prefix_kv is not None:
+        if callable(prefix_kv):
+            k, v = prefix_kv(k, v)
+        elif prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=1), torch.cat([prefix_kv[1], v], dim=1)
         attn = self.attn1.attend(q, k, v, mask).split(sizes, dim=1)
         hidden = [(h.float() + a * m[2]).type_as(h) for (h, _, _), a, m in zip(streams, attn, mods)]
 
         x = _cat_tokens(hidden)
-        x = x + self.attn2(self.norm2(x).type_as(x), context=context)
+        ck, cv = context_kv if context_kv is not None else self.attn2.project_kv(context)
+        x = x + self.attn2.attend(self.attn2.project_q(self.norm2(x).type_as(x)), ck, cv)
         hidden = list(x.split(sizes, dim=1))
 
         out = []
@@ -144,15 +163,57 @@ class UniViGUBlock(nn.Module):
 
 @dataclass
 class ModalityCache:
-    """Per-layer keys/values of a clean modality plus what a noisy step needs to reuse."""
+    """Per-layer keys/values of a clean modality plus what a noisy step needs to reuse.
+
+    Not for concurrent use: a step writes its own keys/values into the cache's buffers."""
 
     clean: str
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     context: torch.Tensor | None = None
+    # Per-layer cross-attention keys/values of `context`: the prompt does not change across steps.
+    context_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     rope: tuple | None = None  # tables of the clean tokens (for ordering the joint sequence)
     num_tokens: int = 0
     grid: tuple[int, int, int] | None = None
+    # Per layer: (keys, values) buffers [B, num_tokens + room, H, D] whose head is keys[i]/values[i].
+    buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def join(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached keys/values of `layer` followed by the stepped tokens' k, v [B, m, H, D].
+
+        Equal to concatenating them, but a step writes only its m tokens into a buffer that already
+        holds the cached ones: a concatenation copies all of them into fresh memory every layer and
+        step, which for a long cache and short text costs about as much as the attention itself. The
+        result is a view that the next step overwrites. Where autograd tracks any of them, or the
+        buffer cannot be written (other dtype, an inference tensor outside inference mode), it
+        concatenates.
+        """
+        head_k, head_v = self.keys[layer], self.values[layer]
+        if any(x.requires_grad for x in (head_k, head_v, k, v)) or k.dtype != head_k.dtype or v.dtype != head_v.dtype:
+            return torch.cat([head_k, k], dim=1), torch.cat([head_v, v], dim=1)
+        n, total = head_k.shape[1], head_k.shape[1] + k.shape[1]
+        buf = self.buffers.get(layer)
+        if buf is None or buf[0].shape[1] < total:
+            buf = self._grow(layer, total)
+        if buf[0].is_inference() and not torch.is_inference_mode_enabled():
+            return torch.cat([head_k, k], dim=1), torch.cat([head_v, v], dim=1)
+        buf[0][:, n:total] = k
+        buf[1][:, n:total] = v
+        return buf[0][:, :total], buf[1][:, :total]
+
+    def _grow(self, layer: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """New buffers of `total` tokens holding the cached ones; keys/values become their heads
+        (so the cache keeps one copy of them)."""
+        buf = []
+        for head in (self.keys[layer], self.values[layer]):
+            b = head.new_empty((head.shape[0], total, *head.shape[2:]))
+            b[:, :head.shape[1]] = head
+            buf.append(b)
+        n = self.keys[layer].shape[1]
+        self.keys[layer], self.values[layer] = buf[0][:, :n], buf[1][:, :n]
+        self.buffers[layer] = tuple(buf)
+        return self.buffers[layer]
 
 
 class UniViGUTransformer(nn.Module):
@@ -279,14 +340,9 @@ class UniViGUTransformer(nn.Module):
         if self.config.text_position_embedding:
             ht = ht + ts.position_embedding[: text.shape[1]]
         temb, mod = _time_modulation(t_text, self.config.freq_dim, ts.time_embedder, ts.time_proj)
-        tables = text_rope(text.shape[1], self.config.attention_head_dim, self.config.text_rope_theta,
-                           self.config.text_rope, device=text.device)
-        if tables is None:  # no rotation: identity tables
-            d = self.config.attention_head_dim
-            tables = (torch.ones(text.shape[1], d, device=text.device), torch.zeros(text.shape[1], d, device=text.device))
-        pairing = (torch.ones(text.shape[1], device=text.device) if self.config.text_rope == "rotate_half"
-                   else None)  # None: interleaved, like video
-        return ht, temb, mod, (*tables, pairing)
+        rope = _text_rope_tuple(text.shape[1], self.config.attention_head_dim, float(self.config.text_rope_theta),
+                                self.config.text_rope, text.device)
+        return ht, temb, mod, rope
 
     def _video_head(self, hv, temb, grid, batch):
         shift, scale = (self.scale_shift_table + temb.float()[:, None]).chunk(2, dim=1)
@@ -310,13 +366,15 @@ class UniViGUTransformer(nn.Module):
         shift, scale = (ts.scale_shift_table + temb.float()[:, None]).chunk(2, dim=1)
         return ts.proj_out((ts.norm_out(ht) * (1 + scale) + shift).type_as(ht)).float()
 
-    def _run_blocks(self, streams, context, rope, mask, prefix=None, store: ModalityCache | None = None):
+    def _run_blocks(self, streams, context, rope, mask, prefix=None, store: ModalityCache | None = None,
+                    context_kv: list | None = None):
         for i, block in enumerate(self.blocks):
-            kv = None if prefix is None else (prefix.keys[i], prefix.values[i])
+            kv = None if prefix is None else functools.partial(prefix.join, i)
+            ckv = context_kv[i] if context_kv else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                hidden, new_kv = checkpoint(block, streams, context, rope, mask, kv, use_reentrant=False)
+                hidden, new_kv = checkpoint(block, streams, context, rope, mask, kv, ckv, use_reentrant=False)
             else:
-                hidden, new_kv = block(streams, context, rope, mask, kv)
+                hidden, new_kv = block(streams, context, rope, mask, kv, ckv)
             streams = [(h, mod, kind) for h, (_, mod, kind) in zip(hidden, streams)]
             if store is not None:
                 store.keys.append(new_kv[0])
@@ -434,7 +492,8 @@ class UniViGUTransformer(nn.Module):
             h, _, mod, rope = self._embed_text(source, zeros)
             kind = "text"
         cache.rope, cache.num_tokens = rope, h.shape[1]
-        self._run_blocks([(h, mod, kind)], cache.context, rope, None, store=cache)
+        cache.context_kv = [block.attn2.project_kv(cache.context) for block in self.blocks]
+        self._run_blocks([(h, mod, kind)], cache.context, rope, None, store=cache, context_kv=cache.context_kv)
         return cache
 
     @staticmethod
@@ -463,7 +522,8 @@ class UniViGUTransformer(nn.Module):
         t = self._check_timestep(text_timestep, text.shape[0], "text_timestep")
         ht, temb, mod, rope = self._embed_text(text, t)
         mask = self._prefix_mask(t, ht.shape[1], cache.num_tokens)
-        (ht,) = self._run_blocks([(ht, mod, "text")], cache.context, rope, mask, prefix=cache)
+        (ht,) = self._run_blocks([(ht, mod, "text")], cache.context, rope, mask, prefix=cache,
+                                 context_kv=cache.context_kv)
         return self._text_head(ht, temb)
 
     def step_video(self, video: torch.Tensor, video_timestep: torch.Tensor, cache: ModalityCache) -> torch.Tensor:
@@ -474,7 +534,8 @@ class UniViGUTransformer(nn.Module):
         t = self._check_timestep(video_timestep, video.shape[0], "video_timestep")
         hv, temb, mod, rope, grid = self._embed_video(video, t)
         mask = self._prefix_mask(t, hv.shape[1], cache.num_tokens)
-        (hv,) = self._run_blocks([(hv, mod, "video")], cache.context, rope, mask, prefix=cache)
+        (hv,) = self._run_blocks([(hv, mod, "video")], cache.context, rope, mask, prefix=cache,
+                                 context_kv=cache.context_kv)
         return self._as_velocity(self._video_head(hv, temb, grid, video.shape[0]), video, t)
 
     # ------------------------------------------------------------------ parameter groups
