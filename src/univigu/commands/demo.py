@@ -21,6 +21,7 @@ EXAMPLE = """example:
   univigu demo                         # about 10 minutes on a 2-core CPU
   univigu demo --num_test 500 --out runs/demo500
   univigu demo --from-scratch          # also trains the generator (hours on a CPU)
+  univigu demo --kr_steps 600 train.batch_size=32   # preset overrides for both unified stages
 """
 
 
@@ -43,17 +44,24 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value overrides of the unified preset for both stages, e.g. train.batch_size=8")
     p.set_defaults(func=run)
 
 
-def _stage(name: str, out: Path, init_from: Path, steps: int | None, progress: bool, device: str) -> Path:
+def _stage(name: str, out: Path, init_from: Path, steps: int | None, progress: bool, device: str,
+           world, extra: list[str]) -> Path:
+    from dataclasses import asdict
+
     from ..config import load_config
     from ..training.trainer import Trainer
 
     overrides = [f"train.stage={name}", f"train.init_from={init_from}", f"train.output_dir={out / name}"]
+    # The stages train on the generator's own world (frame count, size), whatever the preset says.
+    overrides += [f"world.{key}={value}" for key, value in asdict(world).items()]
     if steps is not None:
         overrides.append(f"train.steps={steps}")
-    cfg = load_config("shapesworld-unified", overrides)
+    cfg = load_config("shapesworld-unified", overrides + list(extra))
     return Trainer(cfg, device=device, progress=progress).run()
 
 
@@ -102,9 +110,10 @@ def run(args) -> int:
 
     gen_dir = phase("generator", _generator, out, args.from_scratch, progress, device, args.generator)
     world = load_bundle(gen_dir).world
-    kr_dir = phase("knowledge_recall", _stage, "knowledge_recall", out, gen_dir, args.kr_steps, progress, device)
+    kr_dir = phase("knowledge_recall", _stage, "knowledge_recall", out, gen_dir, args.kr_steps, progress, device,
+                   world, args.overrides)
     cr_dir = phase("capability_refinement", _stage, "capability_refinement", out, kr_dir, args.cr_steps,
-                   progress, device)
+                   progress, device, world, args.overrides)
 
     def evaluation():
         data_dir = synthesize(out / "test_data", args.num_test, 10_000 + args.seed, world,
