@@ -54,6 +54,20 @@ def test_minilm_token_states_equal_direct_transformers_call(minilm, hf_minilm):
     assert mask[3].all()  # truncated prompt fills the condition
 
 
+def test_minilm_lexical_weight_adds_the_input_embeddings(hf_minilm):
+    tok, model = hf_minilm
+    encoder = load_prompt_encoder(PromptEncoderConfig(kind="minilm", condition_length=16, lexical_weight=0.5))
+    assert encoder.config["lexical_weight"] == 0.5
+    emb, mask = encoder.encode(PROMPTS[:2])
+    for i, p in enumerate(PROMPTS[:2]):
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = model(input_ids=ids).last_hidden_state[0] + 0.5 * model.embeddings(input_ids=ids)[0]
+        torch.testing.assert_close(emb[i, : ids.shape[1]], ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(PromptEncoderError, match="lexical_weight is a MiniLM option"):
+        load_prompt_encoder(PromptEncoderConfig(kind="umt5", path="x", lexical_weight=1.0))
+
+
 def test_minilm_mean_pool_matches_sentence_transformers(minilm):
     """The states are the real all-MiniLM-L6-v2: its sentence embedding (mean over real tokens,
     L2-normalised) equals sentence-transformers' on the same package."""

@@ -100,6 +100,9 @@ class PromptEncoderConfig:
     path: str | None = None  # local directory (UMT5; MiniLM defaults to the installed package)
     condition_length: int = 32  # Lc: embeddings are trimmed to real tokens and zero-padded to this
     null_condition: Literal["empty", "zeros"] = "empty"
+    # MiniLM only: add this multiple of the input (word + position) embeddings to the last hidden
+    # states. The last layer blurs lexical identity: cos(left, right) is 0.88 there, 0.50 at the input.
+    lexical_weight: float = 0.0
 
 
 @dataclass

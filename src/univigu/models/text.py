@@ -118,7 +118,8 @@ class PromptEncoder(nn.Module):
     def config(self) -> dict:
         """The `PromptEncoderConfig` fields that rebuild this encoder."""
         return {"kind": self.kind, "path": getattr(self, "path", None),
-                "condition_length": self.condition_length, "null_condition": self.null}
+                "condition_length": self.condition_length, "null_condition": self.null,
+                "lexical_weight": getattr(self, "lexical_weight", 0.0)}
 
     def clear_cache(self) -> None:
         if self._cache is not None:
@@ -159,14 +160,16 @@ class MiniLMPromptEncoder(PromptEncoder):
     """all-MiniLM-L6-v2 token states as the condition (offline, CPU-friendly, D = 384).
 
     Prompts are tokenized as `[CLS] ... [SEP]` truncated to `condition_length`, run through the
-    BERT encoder in fp32 eval mode, and the last hidden states of the real tokens are kept.
+    BERT encoder in fp32 eval mode, and the last hidden states of the real tokens are kept, plus
+    `lexical_weight` times the input embeddings (word + position) when that is non-zero.
     """
 
     kind = "minilm"
 
     def __init__(self, condition_length: int = 32, device="cpu", null: str = "empty",
-                 path: str | Path | None = None, cache: bool = True):
+                 path: str | Path | None = None, cache: bool = True, lexical_weight: float = 0.0):
         super().__init__(condition_length, null=null, device=device, cache=cache)
+        self.lexical_weight = float(lexical_weight)
         from tokenizers import Tokenizer
         from transformers import BertModel
 
@@ -198,8 +201,11 @@ class MiniLMPromptEncoder(PromptEncoder):
             input_ids[row, : len(seq)] = torch.tensor(seq)
             attention[row, : len(seq)] = 1
         with torch.no_grad():
-            hidden = self.model(input_ids=input_ids.to(self.device),
-                                attention_mask=attention.to(self.device)).last_hidden_state
+            out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                             output_hidden_states=bool(self.lexical_weight))
+            hidden = out.last_hidden_state
+            if self.lexical_weight:
+                hidden = hidden + self.lexical_weight * out.hidden_states[0]
         hidden = hidden.float().cpu()
         return [hidden[row, : len(seq)].clone() for row, seq in enumerate(ids)]
 
@@ -263,7 +269,11 @@ def load_prompt_encoder(config: PromptEncoderConfig | None = None, device="cpu",
             f"load_prompt_encoder takes a PromptEncoderConfig, got {type(config).__name__}")
     if config.kind == "minilm":
         return MiniLMPromptEncoder(config.condition_length, device=device,
-                                   null=config.null_condition, path=config.path)
+                                   null=config.null_condition, path=config.path,
+                                   lexical_weight=config.lexical_weight)
+    if config.lexical_weight:
+        raise PromptEncoderError(f"prompt_encoder.lexical_weight is a MiniLM option; kind {config.kind!r} "
+                                 "does not take it")
     if config.kind == "umt5":
         if not config.path:
             raise PromptEncoderError("prompt encoder kind 'umt5' needs prompt_encoder.path "
