@@ -230,7 +230,7 @@ def test_convert_records_the_wan_vae_and_published_settings(model_dir, tmp_path,
     assert codec == {"kind": "wan_vae", "path": str(vae.resolve()), "normalize": False}
     encoder = json.loads((out / "prompt_encoder" / "prompt_encoder.json").read_text())
     assert encoder == {"kind": "umt5", "path": str(umt5.resolve()), "condition_length": 512,
-                       "null_condition": "zeros"}
+                       "null_condition": "zeros", "lexical_weight": 0.0}
     assert json.loads((out / "flow.json").read_text())["text_source"] == "uniform"
     world = json.loads((out / "world.json").read_text())
     assert (world["width"], world["height"], world["frames"], world["fps"]) == (832, 480, 81, 16)
