@@ -118,8 +118,7 @@ class PromptEncoder(nn.Module):
     def config(self) -> dict:
         """The `PromptEncoderConfig` fields that rebuild this encoder."""
         return {"kind": self.kind, "path": getattr(self, "path", None),
-                "condition_length": self.condition_length, "null_condition": self.null,
-                "lexical_weight": getattr(self, "lexical_weight", 0.0)}
+                "condition_length": self.condition_length, "null_condition": self.null}
 
     def clear_cache(self) -> None:
         if self._cache is not None:
@@ -191,6 +190,10 @@ class MiniLMPromptEncoder(PromptEncoder):
                 f"condition_length {condition_length} exceeds MiniLM's "
                 f"{self.model.config.max_position_embeddings} positions")
         self.pad_id = int(self.model.config.pad_token_id or 0)
+
+    @property
+    def config(self) -> dict:
+        return {**super().config, "lexical_weight": self.lexical_weight}
 
     def _token_states(self, prompts: list[str]) -> list[torch.Tensor]:
         ids = [enc.ids for enc in self.tokenizer.encode_batch(prompts)]
