@@ -104,6 +104,26 @@ def test_freezing_policy_freezes_exactly_its_groups(policy, groups, tmp_path, tr
             assert torch.equal(ema[name], before[name]), name
 
 
+def test_lr_scales_per_group(tmp_path, training_cache, tiny_generator):
+    trainer = Trainer(tiny_config(tmp_path, training_cache, "train.lr=0.01", "train.lr_scale_video=0",
+                                  "train.lr_scale_shared=0.25", stage="knowledge_recall",
+                                  init_from=tiny_generator), progress=False)
+    names = dict(trainer.model.named_parameters())
+    before = {n: p.detach().clone() for n, p in names.items()}
+    trainer.train_step()
+    factor = lr_factor(0, trainer.train.warmup_steps, trainer.train.steps, trainer.train.min_lr_ratio)
+    by_param = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    scale = {"video": 0.0, "shared": 0.25, "text": 1.0}
+    for name, p in names.items():
+        group = expected_group(name)
+        assert by_param[id(p)] == pytest.approx(0.01 * factor * scale[group]), name
+        # lr 0: AdamW's update and its decoupled weight decay both vanish.
+        assert torch.equal(p.detach(), before[name]) == (group == "video"), name
+    with pytest.raises(TrainingError, match="lr_scale_video"):
+        Trainer(tiny_config(tmp_path / "bad", training_cache, "train.lr_scale_video=-1", stage="knowledge_recall",
+                            init_from=tiny_generator), progress=False)
+
+
 def test_generator_cannot_freeze_its_only_group(tmp_path, training_cache):
     with pytest.raises(TrainingError, match="nothing to train"):
         Trainer(tiny_config(tmp_path, training_cache, "train.trainable=text"), progress=False)

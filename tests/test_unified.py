@@ -164,6 +164,43 @@ def test_cached_video_velocity_equals_uncached_with_clean_text():
     torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
 
 
+def test_text_key_bias_hides_new_text_from_the_video_and_zero_bias_changes_nothing():
+    video_model = backbone()
+    video, text, condition = inputs()
+    t_video, t_text = torch.tensor([300.0, 900.0]), torch.tensor([500.0, 0.0])
+    expected = video_model(video, None, t_video, None, condition)[0]
+    hidden = unify_video_model(video_model, V, L, text_key_bias=-1e4)  # exp(-1e4) is 0 in fp32
+    assert all(torch.equal(b.text_key_bias, torch.full((2,), -1e4)) for b in hidden.blocks)
+    torch.testing.assert_close(hidden(video, text, t_video, t_text, condition)[0], expected, rtol=1e-5, atol=1e-5)
+    without = unified()
+    with_zero = unify_video_model(backbone(), V, L, text_key_bias=0.0)
+    with_zero.load_state_dict(without.state_dict(), strict=False)  # same weights, bias parameters at 0
+    args = (video, text, t_video, t_text, condition)
+    for a, b in zip(with_zero(*args), without(*args)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    unbiased = unify_video_model(backbone(), V, L)
+    assert not any(n.endswith("text_key_bias") for n, _ in unbiased.named_parameters())
+
+
+def test_text_key_bias_is_a_trained_text_parameter_and_cached_equals_uncached():
+    model = randomize(unify_video_model(backbone(), V, L, text_key_bias=-2.0), 7)  # random bias per head
+    assert all(model.parameter_group(f"blocks.{i}.text_key_bias") == "text" for i in range(2))
+    video, text, condition = inputs(batch=3)
+    t_video = torch.tensor([0.0, 400.0, 1000.0])
+    velocity, logits = model(video, text, t_video, torch.tensor([0.0, 200.0, 1000.0]), condition)
+    (velocity.square().mean() + logits.square().mean()).backward()
+    assert all(b.text_key_bias.grad is not None and b.text_key_bias.grad.abs().sum() > 0 for b in model.blocks)
+    with torch.no_grad():
+        cache = model.prefill("text", text=text, condition=condition)
+        cached = model.step_video(video, t_video, cache)
+        uncached = model(video, text, t_video, torch.zeros(3), condition)[0]
+        torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
+        cache = model.prefill("video", video=video, condition=condition)
+        t_text = torch.tensor([1.0, 500.0, 1000.0])
+        torch.testing.assert_close(model.step_text(text, t_text, cache),
+                                   model(video, text, torch.zeros(3), t_text, condition)[1], rtol=1e-5, atol=1e-5)
+
+
 def test_one_cache_serves_steps_of_several_text_lengths_and_modes():
     # The cache writes each step's keys/values into buffers after the cached ones: a step of any
     # length, shorter or longer than the last, and in any grad mode must still see exactly

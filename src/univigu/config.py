@@ -69,6 +69,12 @@ class TransformerConfig:
     # It lets an all-[MASK] canvas tell its positions apart from the first layer on.
     text_position_embedding: bool = True
     attention_policy: Literal["full", "clean_isolated"] = "clean_isolated"
+    # A learned per-head, per-block logit bias that video queries add to text keys in the joint
+    # self-attention, starting at this value (ours; None = no bias, as in the published model).
+    # New text tokens dilute the pretrained video's attention: a unified model grown from the shipped
+    # generator scored 14% T2V all-correct before any training against the generator's 52% (issue 9
+    # notes). A large negative start hides them, so the prior is kept, and training can open the path.
+    text_key_bias: float | None = None
     # What the video head predicts. Wan predicts the velocity. "sample" predicts the clean latents
     # and converts them to a velocity, (x_t - x0_hat) / max(t, min_t): a denoiser whose token holds
     # more values than its width (pixel latents: 192 per token) cannot pass the noise through, but
@@ -174,6 +180,10 @@ class TrainConfig:
     ema_warmup_steps: int = 100
     bf16: bool = True
     trainable: Literal["all", "text", "text_and_shared"] = "all"
+    # Learning-rate multipliers for the pretrained video parts and the shared attention/modulation
+    # (the new text parts get train.lr): keep the generator's prior while the text stream learns.
+    lr_scale_video: float = 1.0
+    lr_scale_shared: float = 1.0
     gradient_checkpointing: bool = False
     mixture: TaskMixture = field(default_factory=TaskMixture)
     seed: int = 0

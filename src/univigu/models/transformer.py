@@ -114,11 +114,24 @@ class UniViGUBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         if cfg.vocab_size > 0:
             self.text_ffn = FeedForward(dim, cfg.text_ffn_dim or cfg.ffn_dim)
+            if cfg.text_key_bias is not None:
+                self.text_key_bias = nn.Parameter(torch.full((cfg.num_attention_heads,), float(cfg.text_key_bias)))
+
+    def _attention_mask(self, mask: torch.Tensor | None, video_text: torch.Tensor | None,
+                        dtype: torch.dtype) -> torch.Tensor | None:
+        """The bool mask, plus the learned logit bias on (video query, text key) pairs when the block
+        has one: a float mask [B or 1, H, S, S_keys] with -inf where the bool mask blocks."""
+        if video_text is None or not hasattr(self, "text_key_bias"):
+            return mask
+        bias = torch.where(video_text, self.text_key_bias.view(-1, 1, 1), 0.0)  # [H, S, S_keys]
+        bias = bias[None] if mask is None else torch.where(mask, bias, float("-inf"))
+        return bias.to(dtype)
 
     def forward(self, streams: list[tuple[torch.Tensor, torch.Tensor, str]], context: torch.Tensor,
                 rope: tuple | None, mask: torch.Tensor | None,
                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | Callable | None = None,
-                context_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+                context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                video_text: torch.Tensor | None = None):
         """Run one block over the token streams present.
 
         Args:
@@ -129,6 +142,7 @@ class UniViGUBlock(nn.Module):
             prefix_kv: cached keys/values of a clean modality, prepended to the keys; or a function
                 (k, v) -> (keys, values) that does the prepending (`ModalityCache.join`).
             context_kv: the cross-attention keys/values of `context`, when already computed.
+            video_text: [S, S_keys] bool, True where a video query meets a text key (for the bias).
 
         Returns:
             (new hidden states per stream, (keys, values) of the processed tokens).
@@ -145,7 +159,7 @@ class UniViGUBlock(nn.Module):
             k, v = prefix_kv(k, v)
         elif prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=1), torch.cat([prefix_kv[1], v], dim=1)
-        attn = self.attn1.attend(q, k, v, mask).split(sizes, dim=1)
+        attn = self.attn1.attend(q, k, v, self._attention_mask(mask, video_text, q.dtype)).split(sizes, dim=1)
         hidden = [(h.float() + a * m[2]).type_as(h) for (h, _, _), a, m in zip(streams, attn, mods)]
 
         x = _cat_tokens(hidden)
@@ -258,6 +272,9 @@ class UniViGUTransformer(nn.Module):
                     ce.text_embedder.linear_2):
             nn.init.normal_(lin.weight, std=0.02)
         nn.init.zeros_(self.proj_out.weight)
+        if self.config.text_key_bias is not None and self.text_stream is not None:
+            for block in self.blocks:
+                nn.init.constant_(block.text_key_bias, self.config.text_key_bias)
         if self.text_stream is not None:
             ts = self.text_stream
             nn.init.normal_(ts.token_embedding.weight, std=0.02)
@@ -367,14 +384,15 @@ class UniViGUTransformer(nn.Module):
         return ts.proj_out((ts.norm_out(ht) * (1 + scale) + shift).type_as(ht)).float()
 
     def _run_blocks(self, streams, context, rope, mask, prefix=None, store: ModalityCache | None = None,
-                    context_kv: list | None = None):
+                    context_kv: list | None = None, video_text: torch.Tensor | None = None):
         for i, block in enumerate(self.blocks):
             kv = None if prefix is None else functools.partial(prefix.join, i)
             ckv = context_kv[i] if context_kv else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                hidden, new_kv = checkpoint(block, streams, context, rope, mask, kv, ckv, use_reentrant=False)
+                hidden, new_kv = checkpoint(block, streams, context, rope, mask, kv, ckv, video_text,
+                                            use_reentrant=False)
             else:
-                hidden, new_kv = block(streams, context, rope, mask, kv, ckv)
+                hidden, new_kv = block(streams, context, rope, mask, kv, ckv, video_text)
             streams = [(h, mod, kind) for h, (_, mod, kind) in zip(hidden, streams)]
             if store is not None:
                 store.keys.append(new_kv[0])
@@ -406,6 +424,12 @@ class UniViGUTransformer(nn.Module):
         query_clean = torch.where(is_video[None, :], video_clean[:, None], text_clean[:, None])  # [B, S]
         blocked = cross[None] & query_clean[:, :, None]
         return (~blocked)[:, None]
+
+    def _video_text_pairs(self, video_queries: torch.Tensor, text_keys: torch.Tensor) -> torch.Tensor | None:
+        """[S, S_keys] bool: video query meets text key; None when the model has no such bias."""
+        if self.config.text_key_bias is None or not self.has_text_stream:
+            return None
+        return video_queries[:, None] & text_keys[None, :]
 
     # ------------------------------------------------------------------ forward
     def forward(self, video: torch.Tensor | None, text: torch.Tensor | None = None,
@@ -448,10 +472,12 @@ class UniViGUTransformer(nn.Module):
             streams.append((ht, mod_t, "text"))
             ropes.append(rope_t)
             n_text = ht.shape[1]
-        mask = None
+        mask = video_text = None
         if n_video and n_text:
             mask = self._isolation_mask(n_video, n_text, t_video, t_text)
-        hidden = self._run_blocks(streams, context, self._cat_rope(*ropes), mask)
+            is_video = torch.arange(n_video + n_text, device=context.device) < n_video
+            video_text = self._video_text_pairs(is_video, ~is_video)
+        hidden = self._run_blocks(streams, context, self._cat_rope(*ropes), mask, video_text=video_text)
 
         velocity = logits = None
         if video is not None:
@@ -534,8 +560,11 @@ class UniViGUTransformer(nn.Module):
         t = self._check_timestep(video_timestep, video.shape[0], "video_timestep")
         hv, temb, mod, rope, grid = self._embed_video(video, t)
         mask = self._prefix_mask(t, hv.shape[1], cache.num_tokens)
+        n, n_prefix = hv.shape[1], cache.num_tokens
+        keys_cached = torch.arange(n_prefix + n, device=hv.device) < n_prefix  # keys are [cached text; own]
+        video_text = self._video_text_pairs(torch.ones(n, dtype=torch.bool, device=hv.device), keys_cached)
         (hv,) = self._run_blocks([(hv, mod, "video")], cache.context, rope, mask, prefix=cache,
-                                 context_kv=cache.context_kv)
+                                 context_kv=cache.context_kv, video_text=video_text)
         return self._as_velocity(self._video_head(hv, temb, grid, video.shape[0]), video, t)
 
     # ------------------------------------------------------------------ parameter groups
@@ -543,7 +572,7 @@ class UniViGUTransformer(nn.Module):
         """Which group a parameter belongs to: 'video' (the pretrained prior's own parts),
         'text' (new text-only parts) or 'shared' (attention, cross-attention, block modulation
         and the prompt projection, used by both streams)."""
-        if name.startswith("text_stream.") or ".text_ffn." in name:
+        if name.startswith("text_stream.") or ".text_ffn." in name or name.endswith(".text_key_bias"):
             return "text"
         if name.startswith("blocks.") and any(
                 f".{part}" in name for part in ("attn1.", "attn2.", "norm2.", "scale_shift_table")):

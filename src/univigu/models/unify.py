@@ -25,7 +25,7 @@ from .transformer import UniViGUTransformer
 
 #: Config fields a caller may set for the new text stream; everything else comes from the video model.
 TEXT_OPTIONS = ("text_ffn_dim", "text_rope", "text_rope_theta", "text_norm_eps", "attention_policy",
-                "text_position_embedding")
+                "text_position_embedding", "text_key_bias")
 
 
 class UnifyError(ValueError):
@@ -65,7 +65,7 @@ def unify_video_model(video_model: UniViGUTransformer, vocab_size: int, text_len
         init: "copy" (text parts copied from their video counterparts) or "fresh" (random).
         seed: seeds the random parts (token embedding, and the text parts under "fresh").
         **text_options: any of `TEXT_OPTIONS` (text FFN width, text RoPE style/theta, text head
-            norm eps, attention policy).
+            norm eps, attention policy, the video-to-text attention bias).
 
     The video model is left untouched; the result lives on its device and dtype.
     """

@@ -141,8 +141,8 @@ class Trainer:
         if distributed is not None:  # FSDP2; bf16 parameter all-gathers only on GPUs
             distributed.wrap(self.model, bf16=self.use_bf16 and self.device.type == "cuda")
         self.train_model = self.model
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=t.lr, betas=tuple(t.betas),
+                                           weight_decay=t.weight_decay)
         # EMA in fp32, sharded like the model under FSDP2 (DTensors); frozen entries never change.
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         self.validator = self._build_validator() if self.rank0 else None
@@ -152,6 +152,19 @@ class Trainer:
         self._maybe_resume()
 
     # ------------------------------------------------------------------ setup
+    def _param_groups(self) -> list[dict]:
+        """Trainable parameters by group (video, shared, text), each with its learning-rate scale."""
+        t = self.train
+        for name, value in (("lr_scale_video", t.lr_scale_video), ("lr_scale_shared", t.lr_scale_shared)):
+            if not value >= 0:
+                raise TrainingError(f"train.{name} must be >= 0, got {value}")
+        scales = {"video": t.lr_scale_video, "shared": t.lr_scale_shared, "text": 1.0}
+        groups = {name: [] for name in scales}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                groups[self.model.parameter_group(name)].append(param)
+        return [{"params": params, "lr_scale": scales[name]} for name, params in groups.items() if params]
+
     def _rank0_first(self, fill):
         """Run `fill(compute)`: rank 0 computes and writes the cache, the others then only read."""
         if self.dist is None:
@@ -233,7 +246,8 @@ class Trainer:
                                  mask_token=cfg.flow.text_source == "mask", init="copy",
                                  attention_policy=m.attention_policy, text_rope=m.text_rope,
                                  text_ffn_dim=m.text_ffn_dim, seed=t.seed,
-                                 text_position_embedding=m.text_position_embedding)
+                                 text_position_embedding=m.text_position_embedding,
+                                 text_key_bias=m.text_key_bias)
 
     def _build_validator(self) -> Validator | None:
         source = self.val_source
@@ -385,7 +399,7 @@ class Trainer:
         self.train_model.train()
         factor = lr_factor(self.step, t.warmup_steps, t.steps, t.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = t.lr * factor
+            group["lr"] = t.lr * factor * group["lr_scale"]
         micro = [self.noise(self.make_batch(self.step * t.grad_accum + m, self.step)) for m in range(t.grad_accum)]
         counts = torch.stack([self.loss_counts(nb) for nb in micro]).sum(0)
         alone = [bool(nb.drop_video.any()) and nb.text is not None for nb in micro]
