@@ -52,3 +52,26 @@ def test_demo_grows_a_generator_into_a_unified_model_and_scores_it(tmp_path, cap
     # The second stage started from the first one's model directory.
     cr = yaml.safe_load((out / "capability_refinement" / "config.yaml").read_text())["train"]
     assert cr["init_from"] == str(out / "knowledge_recall" / "model")
+
+
+def test_from_scratch_repeats_both_runs_of_the_shipped_generator(tmp_path, monkeypatch):
+    from univigu.commands import demo
+    from univigu.training import trainer
+
+    runs = []
+
+    class RecordingTrainer:  # stands in for hours of training: records each run's config
+        def __init__(self, cfg, device, progress):
+            self.cfg = cfg
+
+        def run(self):
+            runs.append(self.cfg.train)
+            return tmp_path / f"run{len(runs)}" / "model"
+
+    monkeypatch.setattr(trainer, "Trainer", RecordingTrainer)
+    assert demo._generator(tmp_path, True, False, "cpu", None) == tmp_path / "run2" / "model"
+    first, second = runs
+    assert (first.stage, first.init_from, first.steps) == ("generator", None, 4000)
+    assert (second.stage, second.init_from, second.steps) == ("generator", str(tmp_path / "run1" / "model"), 3000)
+    assert (second.lr, second.warmup_steps, second.seed) == (3e-4, 50, 1)
+    assert first.output_dir != second.output_dir
