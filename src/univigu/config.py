@@ -75,10 +75,6 @@ class TransformerConfig:
     # generator scored 14% T2V all-correct before any training against the generator's 52% (issue 9
     # notes). A large negative start hides them, so the prior is kept, and training can open the path.
     text_key_bias: float | None = None
-    # A learned per-head, per-block log-scale on the text tokens' queries (ours; off in the published
-    # model). QK RMSNorm ties every query's length to the shared norm weights, so a text stream trained
-    # beside a frozen video cannot otherwise sharpen its attention onto a few video tokens.
-    text_query_scale: bool = False
     # What the video head predicts. Wan predicts the velocity. "sample" predicts the clean latents
     # and converts them to a velocity, (x_t - x0_hat) / max(t, min_t): a denoiser whose token holds
     # more values than its width (pixel latents: 192 per token) cannot pass the noise through, but

@@ -116,17 +116,6 @@ class UniViGUBlock(nn.Module):
             self.text_ffn = FeedForward(dim, cfg.text_ffn_dim or cfg.ffn_dim)
             if cfg.text_key_bias is not None:
                 self.text_key_bias = nn.Parameter(torch.full((cfg.num_attention_heads,), float(cfg.text_key_bias)))
-            if cfg.text_query_scale:
-                self.text_query_log_scale = nn.Parameter(torch.zeros(cfg.num_attention_heads))
-
-    def _scale_text_queries(self, q: torch.Tensor, streams) -> torch.Tensor:
-        """q [B, S, H, D] with the text rows multiplied by the learned per-head scale."""
-        if not hasattr(self, "text_query_log_scale") or all(kind != "text" for _, _, kind in streams):
-            return q
-        text_scale = self.text_query_log_scale.exp()
-        scale = torch.cat([text_scale.expand(h.shape[1], -1) if kind == "text" else q.new_ones(h.shape[1], q.shape[2])
-                           for h, _, kind in streams])  # [S, H]
-        return q * scale[None, :, :, None].to(q.dtype)
 
     def _attention_mask(self, mask: torch.Tensor | None, video_text: torch.Tensor | None,
                         dtype: torch.dtype) -> torch.Tensor | None:
@@ -163,7 +152,7 @@ class UniViGUBlock(nn.Module):
 
         normed = [(self.norm1(h) * (1 + m[1]) + m[0]).type_as(h) for (h, _, _), m in zip(streams, mods)]
         x = _cat_tokens(normed)
-        q = self._scale_text_queries(self.attn1.project_q(x, rope), streams)
+        q = self.attn1.project_q(x, rope)
         k, v = self.attn1.project_kv(x, rope)
         new_kv = (k, v)
         if callable(prefix_kv):
@@ -283,12 +272,9 @@ class UniViGUTransformer(nn.Module):
                     ce.text_embedder.linear_2):
             nn.init.normal_(lin.weight, std=0.02)
         nn.init.zeros_(self.proj_out.weight)
-        if self.text_stream is not None:
+        if self.config.text_key_bias is not None and self.text_stream is not None:
             for block in self.blocks:
-                if self.config.text_key_bias is not None:
-                    nn.init.constant_(block.text_key_bias, self.config.text_key_bias)
-                if self.config.text_query_scale:
-                    nn.init.zeros_(block.text_query_log_scale)
+                nn.init.constant_(block.text_key_bias, self.config.text_key_bias)
         if self.text_stream is not None:
             ts = self.text_stream
             nn.init.normal_(ts.token_embedding.weight, std=0.02)
@@ -586,8 +572,7 @@ class UniViGUTransformer(nn.Module):
         """Which group a parameter belongs to: 'video' (the pretrained prior's own parts),
         'text' (new text-only parts) or 'shared' (attention, cross-attention, block modulation
         and the prompt projection, used by both streams)."""
-        if name.startswith("text_stream.") or ".text_ffn." in name or name.endswith(
-                (".text_key_bias", ".text_query_log_scale")):
+        if name.startswith("text_stream.") or ".text_ffn." in name or name.endswith(".text_key_bias"):
             return "text"
         if name.startswith("blocks.") and any(
                 f".{part}" in name for part in ("attn1.", "attn2.", "norm2.", "scale_shift_table")):

@@ -25,7 +25,7 @@ from .transformer import UniViGUTransformer
 
 #: Config fields a caller may set for the new text stream; everything else comes from the video model.
 TEXT_OPTIONS = ("text_ffn_dim", "text_rope", "text_rope_theta", "text_norm_eps", "attention_policy",
-                "text_position_embedding", "text_key_bias", "text_query_scale")
+                "text_position_embedding", "text_key_bias")
 
 
 class UnifyError(ValueError):
