@@ -62,16 +62,15 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _stage(name: str, out: Path, init_from: Path, steps: int | None, progress: bool, device: str,
+def _stage(name: str, out: Path, init_from: Path, steps: int, progress: bool, device: str,
            world, extra: list[str]) -> Path:
     from ..config import load_config, to_dict
     from ..training.trainer import Trainer
 
-    overrides = [f"train.stage={name}", f"train.init_from={init_from}", f"train.output_dir={out / name}"]
+    overrides = [f"train.stage={name}", f"train.init_from={init_from}", f"train.output_dir={out / name}",
+                 f"train.steps={steps}"]
     # The stages train on the generator's own world (frame count, size), whatever the preset says.
     overrides += [f"world.{key}={value}" for key, value in to_dict(world).items()]
-    if steps is not None:
-        overrides.append(f"train.steps={steps}")
     cfg = load_config("shapesworld-unified", overrides + list(extra))
     return Trainer(cfg, device=device, progress=progress).run()
 

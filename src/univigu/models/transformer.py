@@ -120,8 +120,9 @@ class UniViGUBlock(nn.Module):
     def _attention_mask(self, mask: torch.Tensor | None, video_text: torch.Tensor | None,
                         dtype: torch.dtype) -> torch.Tensor | None:
         """The bool mask, plus the learned logit bias on (video query, text key) pairs when the block
-        has one: a float mask [B or 1, H, S, S_keys] with -inf where the bool mask blocks."""
-        if video_text is None or not hasattr(self, "text_key_bias"):
+        has one: a float mask [B or 1, H, S, S_keys] with -inf where the bool mask blocks.
+        `video_text` is only given for a model with the bias (`_video_text_pairs`)."""
+        if video_text is None:
             return mask
         bias = torch.where(video_text, self.text_key_bias.view(-1, 1, 1), 0.0)  # [H, S, S_keys]
         bias = bias[None] if mask is None else torch.where(mask, bias, float("-inf"))
@@ -411,15 +412,14 @@ class UniViGUTransformer(nn.Module):
                              for r in ropes])
         return cos, sin, pairing
 
-    def _isolation_mask(self, n_video, n_text, t_video, t_text) -> torch.Tensor | None:
-        """clean_isolated: a modality at timestep 0 does not attend to the other (per sample)."""
-        if self.config.attention_policy != "clean_isolated" or n_video == 0 or n_text == 0:
+    def _isolation_mask(self, is_video: torch.Tensor, t_video, t_text) -> torch.Tensor | None:
+        """clean_isolated: a modality at timestep 0 does not attend to the other (per sample).
+        `is_video` [S] marks the video tokens of the joint sequence."""
+        if self.config.attention_policy != "clean_isolated":
             return None
         video_clean, text_clean = t_video == 0, t_text == 0
         if not (video_clean.any() or text_clean.any()):
             return None
-        s = n_video + n_text
-        is_video = torch.arange(s, device=t_video.device) < n_video
         cross = is_video[:, None] != is_video[None, :]  # query/key from different modalities
         query_clean = torch.where(is_video[None, :], video_clean[:, None], text_clean[:, None])  # [B, S]
         blocked = cross[None] & query_clean[:, :, None]
@@ -474,8 +474,8 @@ class UniViGUTransformer(nn.Module):
             n_text = ht.shape[1]
         mask = video_text = None
         if n_video and n_text:
-            mask = self._isolation_mask(n_video, n_text, t_video, t_text)
             is_video = torch.arange(n_video + n_text, device=context.device) < n_video
+            mask = self._isolation_mask(is_video, t_video, t_text)
             video_text = self._video_text_pairs(is_video, ~is_video)
         hidden = self._run_blocks(streams, context, self._cat_rope(*ropes), mask, video_text=video_text)
 
