@@ -12,9 +12,9 @@ ShapesWorld videos with the exact oracle (V2T attribute accuracy of the sampled 
   parameter trained, V2T samples only (captions only);
 * `grown_full`: `grown` with the published `full` attention policy instead of `clean_isolated`.
 
-Each variant is a run directory under `--out`; a finished variant is read back instead of
-retrained, and an interrupted one resumes from its last checkpoint (`--save_every`), so the
-benchmark can be split across sessions. Writes benchmarks/results/claim.json (per variant: the
+Each variant and step budget is a run directory under `--out` (`grown-600steps`, ...); a finished
+run is read back instead of retrained, and an interrupted one resumes from its last checkpoint
+(`--save_every`), so the benchmark can be split across sessions. Writes benchmarks/results/claim.json (per variant: the
 validation metrics at every evaluation, keyed by total steps) and claim.png (V2T all-correct and
 shape and motion accuracy against steps) when matplotlib is importable. Run again with the
 same settings, it only re-reads the finished runs (to re-plot, or to add variants).
@@ -74,7 +74,7 @@ def random_generator(out: Path, args) -> Path:
 
 
 def run_variant(name: str, args) -> list[dict]:
-    root = Path(args.out) / name
+    root = Path(args.out) / f"{name}-{args.steps}steps"  # other budgets are other runs
     generator = shipped_generator_dir()
     if name == "scratch":
         start = random_generator(root / "random_init", args)
