@@ -14,7 +14,8 @@ ShapesWorld videos with the exact oracle (V2T attribute accuracy of the sampled 
 
 Each variant and step budget is a run directory under `--out` (`grown-600steps`, ...); a finished
 run is read back instead of retrained, and an interrupted one resumes from its last checkpoint
-(`--save_every`), so the benchmark can be split across sessions. Writes benchmarks/results/claim.json (per variant: the
+(`--save_every`), so the benchmark can be split across sessions; `--report_only` writes the results
+logged so far without training. Writes benchmarks/results/claim.json (per variant: the
 validation metrics at every evaluation, keyed by total steps) and claim.png (V2T all-correct and
 shape and motion accuracy against steps) when matplotlib is importable. Run again with the
 same settings, it only re-reads the finished runs (to re-plot, or to add variants).
@@ -43,7 +44,10 @@ KEPT = ("v2t.all_correct", "v2t.shape", "v2t.colour", "v2t.size", "v2t.motion", 
 def validation_log(run_dir: Path, offset: int) -> list[dict]:
     """The oracle validations of one stage, their steps shifted by the steps before the stage."""
     rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():  # --report_only on a stage that has not started
+        return rows
+    for line in log.read_text().splitlines():
         entry = json.loads(line)
         if "v2t.all_correct" in entry:
             rows.append({"step": entry["step"] + offset, **{k: entry[k] for k in KEPT if k in entry}})
@@ -58,7 +62,7 @@ def train_stage(stage: str, out: Path, init_from: Path, steps: int, args, extra:
                  f"train.seed={args.seed}", *[f"world.{k}={v}" for k, v in to_dict(world).items()], *extra]
     cfg = load_config("shapesworld-unified", overrides)
     model = out / "model"
-    if (model / "model_index.json").is_file():
+    if (model / "model_index.json").is_file() or args.report_only:
         return model
     return Trainer(cfg, device=args.device, progress=not args.no_progress).run()
 
@@ -66,7 +70,7 @@ def train_stage(stage: str, out: Path, init_from: Path, steps: int, args, extra:
 def random_generator(out: Path, args) -> Path:
     """A generator-shaped model that never trained: the scratch variant's starting point."""
     model = out / "model"
-    if not (model / "model_index.json").is_file():
+    if not (model / "model_index.json").is_file() and not args.report_only:
         cfg = load_config("shapesworld-generator", [f"train.output_dir={out}", "train.steps=0",
                                                     "train.eval_samples=0", f"train.seed={args.seed}"])
         Trainer(cfg, device=args.device, progress=False).run()
@@ -127,6 +131,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/claim", help="run directories, one per variant")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report_only", action="store_true",
+                        help="train nothing: write the JSON and plot from the validations logged so far")
     parser.add_argument("--result", default=str(RESULTS_DIR / "claim.json"))
     args = parser.parse_args()
     if not 0 <= args.kr_steps < args.steps:
@@ -142,6 +148,7 @@ def main() -> None:
     results = json.loads(result_path.read_text()).get("variants", {}) if result_path.is_file() else {}
     results.update(fresh)
     settings = {k: getattr(args, k) for k in ("steps", "kr_steps", "eval_every", "eval_samples", "seed")}
+    settings["partial"] = args.report_only  # runs may still be going: their curves can end early
     payload = {"machine": machine_info(), "load_average": {"before": load_before, "after": load_average()},
                "settings": settings, "variants": results}
     write_json(result_path, payload)
