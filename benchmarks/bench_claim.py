@@ -30,9 +30,10 @@ import json
 from pathlib import Path
 
 from common import RESULTS_DIR, load_average, machine_info, write_json
-from univigu.commands.demo import shipped_generator_dir
-from univigu.config import load_config, to_dict
+from univigu.commands.demo import shipped_generator_dir, unified_stage
+from univigu.config import load_config
 from univigu.models.bundle import load_bundle
+from univigu.training.logging import read_metrics
 from univigu.training.trainer import Trainer
 
 VARIANTS = ("grown", "grown_no_kr", "scratch", "grown_full")
@@ -43,28 +44,22 @@ KEPT = ("v2t.all_correct", "v2t.shape", "v2t.colour", "v2t.size", "v2t.motion", 
 
 def validation_log(run_dir: Path, offset: int) -> list[dict]:
     """The oracle validations of one stage, their steps shifted by the steps before the stage."""
-    rows = []
     log = run_dir / "metrics.jsonl"
     if not log.is_file():  # --report_only on a stage that has not started
-        return rows
-    for line in log.read_text().splitlines():
-        entry = json.loads(line)
-        if "v2t.all_correct" in entry:
-            rows.append({"step": entry["step"] + offset, **{k: entry[k] for k in KEPT if k in entry}})
-    return rows
+        return []
+    return [{"step": entry["step"] + offset, **{k: entry[k] for k in KEPT if k in entry}}
+            for entry in read_metrics(log) if "v2t.all_correct" in entry]
 
 
-def train_stage(stage: str, out: Path, init_from: Path, steps: int, args, extra: list[str]) -> Path:
-    world = load_bundle(shipped_generator_dir()).world
-    overrides = [f"train.stage={stage}", f"train.init_from={init_from}", f"train.output_dir={out}",
-                 f"train.steps={steps}", f"train.eval_every={args.eval_every}",
-                 f"train.eval_samples={args.eval_samples}", f"train.save_every={args.save_every}",
-                 f"train.seed={args.seed}", *[f"world.{k}={v}" for k, v in to_dict(world).items()], *extra]
-    cfg = load_config("shapesworld-unified", overrides)
-    model = out / "model"
+def train_stage(stage: str, root: Path, init_from: Path, steps: int, args, world, extra: list[str]) -> Path:
+    """The demo's stage (ROOT/STAGE) with this benchmark's validation and checkpoint settings;
+    a finished stage (or any under --report_only) is not trained again."""
+    model = root / stage / "model"
     if (model / "model_index.json").is_file() or args.report_only:
         return model
-    return Trainer(cfg, device=args.device, progress=not args.no_progress).run()
+    settings = [f"train.eval_every={args.eval_every}", f"train.eval_samples={args.eval_samples}",
+                f"train.save_every={args.save_every}", f"train.seed={args.seed}"]
+    return unified_stage(stage, root, init_from, steps, not args.no_progress, args.device, world, settings + extra)
 
 
 def random_generator(out: Path, args) -> Path:
@@ -77,24 +72,20 @@ def random_generator(out: Path, args) -> Path:
     return model
 
 
-def run_variant(name: str, args) -> list[dict]:
+def run_variant(name: str, args, world) -> list[dict]:
     root = Path(args.out) / f"{name}-{args.steps}steps"  # other budgets are other runs
-    generator = shipped_generator_dir()
     if name == "scratch":
         start = random_generator(root / "random_init", args)
-        cr = root / "capability_refinement"
-        train_stage("capability_refinement", cr, start, args.steps, args, SCRATCH)
-        return validation_log(cr, 0)
+        train_stage("capability_refinement", root, start, args.steps, args, world, SCRATCH)
+        return validation_log(root / "capability_refinement", 0)
     extra = ["model.attention_policy=full"] if name == "grown_full" else []
     kr_steps = 0 if name == "grown_no_kr" else args.kr_steps
-    rows, start = [], generator
+    rows, start = [], shipped_generator_dir()
     if kr_steps:
-        kr = root / "knowledge_recall"
-        start = train_stage("knowledge_recall", kr, generator, kr_steps, args, extra)
-        rows += validation_log(kr, 0)
-    cr = root / "capability_refinement"
-    train_stage("capability_refinement", cr, start, args.steps - kr_steps, args, extra)
-    return rows + validation_log(cr, kr_steps)
+        start = train_stage("knowledge_recall", root, start, kr_steps, args, world, extra)
+        rows += validation_log(root / "knowledge_recall", 0)
+    train_stage("capability_refinement", root, start, args.steps - kr_steps, args, world, extra)
+    return rows + validation_log(root / "capability_refinement", kr_steps)
 
 
 def plot(results: dict, path: Path) -> Path | None:
@@ -140,9 +131,10 @@ def main() -> None:
 
     result_path = Path(args.result)
     load_before = load_average()
+    world = load_bundle(shipped_generator_dir()).world  # every stage trains on the generator's world
     fresh = {}
     for name in args.variants:
-        fresh[name] = run_variant(name, args)
+        fresh[name] = run_variant(name, args, world)
         print(name, json.dumps(fresh[name][-1] if fresh[name] else {}), flush=True)
     # Read the file only now: another process may have added its variants meanwhile.
     results = json.loads(result_path.read_text()).get("variants", {}) if result_path.is_file() else {}

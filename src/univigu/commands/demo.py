@@ -62,8 +62,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _stage(name: str, out: Path, init_from: Path, steps: int, progress: bool, device: str,
-           world, extra: list[str]) -> Path:
+def unified_stage(name: str, out: Path, init_from: Path, steps: int, progress: bool, device: str,
+                  world, extra: list[str]) -> Path:
+    """Train stage `name` of the unified preset from `init_from` into OUT/NAME; returns its model
+    directory. `extra`: further key=value overrides (benchmarks/bench_claim.py reuses the stages)."""
     from ..config import load_config, to_dict
     from ..training.trainer import Trainer
 
@@ -123,9 +125,9 @@ def run(args) -> int:
 
     gen_dir = phase("generator", _generator, out, args.from_scratch, progress, device, args.generator)
     world = load_bundle(gen_dir).world
-    kr_dir = phase("knowledge_recall", _stage, "knowledge_recall", out, gen_dir, args.kr_steps, progress, device,
-                   world, args.overrides)
-    cr_dir = phase("capability_refinement", _stage, "capability_refinement", out, kr_dir, args.cr_steps,
+    kr_dir = phase("knowledge_recall", unified_stage, "knowledge_recall", out, gen_dir, args.kr_steps, progress,
+                   device, world, args.overrides)
+    cr_dir = phase("capability_refinement", unified_stage, "capability_refinement", out, kr_dir, args.cr_steps,
                    progress, device, world, args.overrides)
 
     def evaluation():
