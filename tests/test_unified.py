@@ -201,6 +201,84 @@ def test_text_key_bias_is_a_trained_text_parameter_and_cached_equals_uncached():
                                    model(video, text, torch.zeros(3), t_text, condition)[1], rtol=1e-5, atol=1e-5)
 
 
+def test_text_query_projection_starts_as_the_shared_one_and_only_moves_text_queries():
+    video, text, condition = inputs(batch=3)
+    t_video, t_text = torch.tensor([0.0, 400.0, 1000.0]), torch.tensor([0.0, 200.0, 1000.0])
+    shared = randomize(unify_video_model(backbone(), V, L), 5)
+    own = unify_video_model(backbone(), V, L, text_query_projection=True)
+    missing, unexpected = own.load_state_dict(shared.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == sorted(
+        f"blocks.{i}.text_to_q{n}.{w}" for i in range(2) for n in (1, 2) for w in ("weight", "bias"))
+    assert all(own.parameter_group(name) == "text" for name in missing)
+    with torch.no_grad():  # copies of the shared query layers: the same model
+        for block in own.blocks:
+            block.text_to_q1.load_state_dict(block.attn1.to_q.state_dict())
+            block.text_to_q2.load_state_dict(block.attn2.to_q.state_dict())
+    args = (video, text, t_video, t_text, condition)
+    for a, b in zip(own(*args), shared(*args)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    fresh = unify_video_model(backbone(), V, L, text_query_projection=True)  # unify copies them too
+    assert all(torch.equal(b.text_to_q1.weight, b.attn1.to_q.weight) and
+               torch.equal(b.text_to_q2.bias, b.attn2.to_q.bias) for b in fresh.blocks)
+
+    randomize(own, 9)  # now the text queries differ from the video's
+    velocity, logits = own(*args)
+    shared.load_state_dict({k: v for k, v in own.state_dict().items() if ".text_to_q" not in k})
+    # Video queries are the shared ones: a clean video (isolated from the text) or a video without
+    # text is untouched; the text reads differently.
+    torch.testing.assert_close(velocity[0], shared(*args)[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(own(video, None, t_video, None, condition)[0],
+                               shared(video, None, t_video, None, condition)[0], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(logits, shared(*args)[1])
+    (velocity.square().mean() + logits.square().mean()).backward()
+    assert all(b.text_to_q1.weight.grad.abs().sum() > 0 and b.text_to_q2.weight.grad.abs().sum() > 0
+               for b in own.blocks)
+    with torch.no_grad():
+        cache = own.prefill("video", video=video, condition=condition)
+        torch.testing.assert_close(own.step_text(text, t_text, cache),
+                                   own(video, text, torch.zeros(3), t_text, condition)[1], rtol=1e-5, atol=1e-5)
+        cache = own.prefill("text", text=text, condition=condition)
+        torch.testing.assert_close(own.step_video(video, t_video, cache),
+                                   own(video, text, t_video, torch.zeros(3), condition)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_clean_video_expert_serves_only_clean_videos_and_keeps_generation_exact():
+    video, text, condition = inputs(batch=3)
+    t_video, t_text = torch.tensor([0.0, 400.0, 1000.0]), torch.tensor([700.0, 200.0, 0.0])
+    args = (video, text, t_video, t_text, condition)
+    plain = randomize(unify_video_model(backbone(), V, L), 5)
+    expert = unify_video_model(backbone(), V, L, clean_video_expert=True)
+    missing, unexpected = expert.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and {n.split(".")[1] for n in missing} == {"0"}  # none in the last block
+    assert all(expert.parameter_group(name) == "text" for name in missing)
+    assert torch.equal(unify_video_model(backbone(), V, L, clean_video_expert=True).blocks[0].clean_video_ffn
+                       .net[0].proj.weight, backbone().blocks[0].ffn.net[0].proj.weight)  # unify copies the FFN
+    with torch.no_grad():
+        expert.blocks[0].clean_video_ffn.load_state_dict(expert.blocks[0].ffn.state_dict())
+    for a, b in zip(expert(*args), plain(*args)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+    with torch.no_grad():  # an expert of its own: only what reads a clean video changes
+        for p in expert.blocks[0].clean_video_ffn.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    velocity, logits = expert(*args)
+    reference_velocity, reference_logits = plain(*args)
+    torch.testing.assert_close(velocity[1:], reference_velocity[1:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits[1:], reference_logits[1:], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(logits[0], reference_logits[0])
+    logits[0].square().mean().backward()
+    assert expert.blocks[0].clean_video_ffn.net[0].proj.weight.grad.abs().sum() > 0
+    assert expert.blocks[0].ffn.net[0].proj.weight.grad is None or \
+        expert.blocks[0].ffn.net[0].proj.weight.grad.abs().sum() == 0
+    with torch.no_grad():
+        cache = expert.prefill("video", video=video, condition=condition)
+        torch.testing.assert_close(expert.step_text(text, t_text, cache),
+                                   expert(video, text, torch.zeros(3), t_text, condition)[1], rtol=1e-5, atol=1e-5)
+        cache = expert.prefill("text", text=text, condition=condition)
+        torch.testing.assert_close(expert.step_video(video, t_video, cache),
+                                   expert(video, text, t_video, torch.zeros(3), condition)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_one_cache_serves_steps_of_several_text_lengths_and_modes():
     # The cache writes each step's keys/values into buffers after the cached ones: a step of any
     # length, shorter or longer than the last, and in any grad mode must still see exactly

@@ -75,6 +75,17 @@ class TransformerConfig:
     # generator scored 14% T2V all-correct before any training against the generator's 52% (issue 9
     # notes). A large negative start hides them, so the prior is kept, and training can open the path.
     text_key_bias: float | None = None
+    # Text tokens form their attention queries (self- and cross-attention) with their own linear
+    # projections, copies of the shared `to_q` at unification (ours; the published model shares
+    # them). Frozen shared queries left a text token's attention over the video and the prompt near
+    # uniform (issue 9 notes). Keys, values and the video's queries stay shared: the model starts
+    # as the one without them, and a video with no text computes what the generator did.
+    text_query_projection: bool = False
+    # A third FFN in every block but the last, a copy of the video FFN at unification, that the video
+    # tokens of a clean video (timestep 0) use instead of it (ours). The pretrained video FFN
+    # never trains on clean input; this one learns features for reading the video while T2V and
+    # joint generation (noisy video) keep the generator's weights exactly.
+    clean_video_expert: bool = False
     # What the video head predicts. Wan predicts the velocity. "sample" predicts the clean latents
     # and converts them to a velocity, (x_t - x0_hat) / max(t, min_t): a denoiser whose token holds
     # more values than its width (pixel latents: 192 per token) cannot pass the noise through, but

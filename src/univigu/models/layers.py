@@ -227,8 +227,10 @@ class WanAttention(nn.Module):
             k = apply_rope(k, *rope)
         return k, v
 
-    def project_q(self, x: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:
-        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, self.head_dim))
+    def project_q(self, x: torch.Tensor, rope: tuple | None = None, linear: torch.Tensor | None = None) -> torch.Tensor:
+        """Queries [B, L, H, D] of the tokens x; `linear`: their `to_q` output when already computed
+        (the unified block projects text tokens with their own layer)."""
+        q = self.norm_q(self.to_q(x) if linear is None else linear).unflatten(-1, (self.heads, self.head_dim))
         if rope is not None:
             q = apply_rope(q, *rope)
         return q
