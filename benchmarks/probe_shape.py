@@ -42,8 +42,13 @@ def clips(bundle, num: int, seed: int, split: str):
 
 
 @torch.no_grad()
-def clean_video_states(model, latents, null, batch: int = 250) -> dict[str, torch.Tensor]:
-    """Hidden states [N, tokens, D] of the clean video: after the patch embedding and each block."""
+def clean_video_states(model, latents, null, batch: int = 250, noise_level: float = 0.0,
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+    """Hidden states [N, tokens, D] of the video: after the patch embedding and each block. The video
+    is clean unless `noise_level` > 0: then it is (1 - s) x + s noise at timestep 1000 s (seeded)."""
+    if noise_level > 0:
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+        latents = (1 - noise_level) * latents + noise_level * noise
     states: dict[str, list] = {}
     hooks = [model.patch_embedding.register_forward_hook(
         lambda m, i, out: states.setdefault("patch", []).append(out.flatten(2).transpose(1, 2).float()))]
@@ -53,15 +58,15 @@ def clean_video_states(model, latents, null, batch: int = 250) -> dict[str, torc
     try:
         for start in range(0, len(latents), batch):
             x = latents[start:start + batch]
-            model(x, None, torch.zeros(len(x)), None, null.expand(len(x), -1, -1))
+            model(x, None, torch.full((len(x),), 1000.0 * noise_level), None, null.expand(len(x), -1, -1))
     finally:
         for hook in hooks:
             hook.remove()
     return {name: torch.cat(parts) for name, parts in states.items()}
 
 
-def linear_probe(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor) -> float:
-    feats = torch.cat([x.mean(1), x.amax(1)], 1)
+def linear_probe(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, pools=("mean", "max")) -> float:
+    feats = torch.cat([x.mean(1) if pool == "mean" else x.amax(1) for pool in pools], 1)
     feats = (feats - feats[train].mean(0)) / (feats[train].std(0) + 1e-5)
     weight = torch.zeros(feats.shape[1], len(SHAPES), requires_grad=True)
     bias = torch.zeros(len(SHAPES), requires_grad=True)
@@ -103,10 +108,14 @@ def probe(bundle, args) -> dict:
     latents, labels, null = clips(bundle, args.train + args.test, args.seed, "train")
     train = torch.arange(len(labels)) < args.train
     out = {}
-    for name, states in clean_video_states(bundle.transformer.eval(), latents, null).items():
-        curve = mlp_max_probe(states, labels, train, args.mlp_steps, args.seed)
-        out[name] = {"linear_mean_max": linear_probe(states, labels, train), "mlp_max": curve}
-        print(f"{name}: linear(mean+max) {out[name]['linear_mean_max']:.3f}, mlp+max {curve}", flush=True)
+    states = clean_video_states(bundle.transformer.eval(), latents, null, noise_level=args.noise_level,
+                                seed=args.seed)
+    for name, x in states.items():
+        curve = mlp_max_probe(x, labels, train, args.mlp_steps, args.seed)
+        out[name] = {"linear_mean_max": linear_probe(x, labels, train),
+                     "linear_mean": linear_probe(x, labels, train, pools=("mean",)), "mlp_max": curve}
+        print(f"{name}: linear(mean+max) {out[name]['linear_mean_max']:.3f}, "
+              f"linear(mean) {out[name]['linear_mean']:.3f}, mlp+max {curve}", flush=True)
     return out
 
 
@@ -164,6 +173,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=3000, help="probe training clips")
     parser.add_argument("--test", type=int, default=1000, help="probe test clips / attention clips")
     parser.add_argument("--mlp_steps", type=int, default=1500)
+    parser.add_argument("--noise_level", type=float, default=0.0,
+                        help="probe the video noised to this level in [0, 1) instead of the clean one")
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--result", default=str(RESULTS_DIR / "probe_shape.json"))
@@ -175,7 +186,7 @@ def main() -> None:
     bundle = load_bundle(args.model)
     entry = {"settings": {k: getattr(args, k) for k in ("train", "test", "mlp_steps", "seed")}}
     if args.probe:
-        entry["probe"] = probe(bundle, args)
+        entry["probe" if args.noise_level == 0 else f"probe_noise_{args.noise_level:g}"] = probe(bundle, args)
     if args.attention:
         entry["attention"] = attention(bundle, args)
     path = Path(args.result)
