@@ -29,8 +29,8 @@ EXAMPLE = """example:
 # Steps of the two unified stages: the 10-minute budget on a 2-core CPU holds about 1100 steps of
 # batch 16 beside the evaluation. Understanding is step-bound (issue 9 notes: V2T motion read 39% ->
 # 81% -> 97% after 500/1000/1500 Capability Refinement steps). At this budget refinement steps pay
-# more than recall steps: on the same 100 test videos, KR 50 + CR 1050 gave V2T all-correct 24% and
-# joint 29%, KR 200 + CR 900 10% and 16%.
+# more than recall steps: on the same 100 test videos with the session-5 preset, KR 50 + CR 1050 gave
+# V2T all-correct 24% and joint 29%, KR 200 + CR 900 10% and 16%.
 KR_STEPS, CR_STEPS = 50, 1050
 # The shipped generator's second run, continued from the preset's on new videos (motion needed the
 # steps: its validation motion went 38% -> 100%); `--from-scratch` repeats both runs.
