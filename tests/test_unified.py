@@ -40,6 +40,18 @@ def inputs(batch: int = 2, seed: int = 0):
     return video, text, condition
 
 
+def assert_cached_equals_uncached(model, video, text, condition, t_video, t_text):
+    """Both caches (clean video for text steps, clean text for video steps) match the forward."""
+    batch = video.shape[0]
+    with torch.no_grad():
+        cache = model.prefill("video", video=video, condition=condition)
+        torch.testing.assert_close(model.step_text(text, t_text, cache),
+                                   model(video, text, torch.zeros(batch), t_text, condition)[1], rtol=1e-5, atol=1e-5)
+        cache = model.prefill("text", text=text, condition=condition)
+        torch.testing.assert_close(model.step_video(video, t_video, cache),
+                                   model(video, text, t_video, torch.zeros(batch), condition)[0], rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------- conversion
 @pytest.mark.parametrize("init", ["copy", "fresh"])
 def test_text_length_zero_reproduces_the_backbone_exactly(init):
@@ -190,15 +202,7 @@ def test_text_key_bias_is_a_trained_text_parameter_and_cached_equals_uncached():
     velocity, logits = model(video, text, t_video, torch.tensor([0.0, 200.0, 1000.0]), condition)
     (velocity.square().mean() + logits.square().mean()).backward()
     assert all(b.text_key_bias.grad is not None and b.text_key_bias.grad.abs().sum() > 0 for b in model.blocks)
-    with torch.no_grad():
-        cache = model.prefill("text", text=text, condition=condition)
-        cached = model.step_video(video, t_video, cache)
-        uncached = model(video, text, t_video, torch.zeros(3), condition)[0]
-        torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
-        cache = model.prefill("video", video=video, condition=condition)
-        t_text = torch.tensor([1.0, 500.0, 1000.0])
-        torch.testing.assert_close(model.step_text(text, t_text, cache),
-                                   model(video, text, torch.zeros(3), t_text, condition)[1], rtol=1e-5, atol=1e-5)
+    assert_cached_equals_uncached(model, video, text, condition, t_video, torch.tensor([1.0, 500.0, 1000.0]))
 
 
 def test_text_query_projection_starts_as_the_shared_one_and_only_moves_text_queries():
@@ -233,13 +237,7 @@ def test_text_query_projection_starts_as_the_shared_one_and_only_moves_text_quer
     (velocity.square().mean() + logits.square().mean()).backward()
     assert all(b.text_to_q1.weight.grad.abs().sum() > 0 and b.text_to_q2.weight.grad.abs().sum() > 0
                for b in own.blocks)
-    with torch.no_grad():
-        cache = own.prefill("video", video=video, condition=condition)
-        torch.testing.assert_close(own.step_text(text, t_text, cache),
-                                   own(video, text, torch.zeros(3), t_text, condition)[1], rtol=1e-5, atol=1e-5)
-        cache = own.prefill("text", text=text, condition=condition)
-        torch.testing.assert_close(own.step_video(video, t_video, cache),
-                                   own(video, text, t_video, torch.zeros(3), condition)[0], rtol=1e-5, atol=1e-5)
+    assert_cached_equals_uncached(own, video, text, condition, t_video, t_text)
 
 
 def test_clean_video_expert_serves_only_clean_videos_and_keeps_generation_exact():
@@ -270,13 +268,7 @@ def test_clean_video_expert_serves_only_clean_videos_and_keeps_generation_exact(
     assert expert.blocks[0].clean_video_ffn.net[0].proj.weight.grad.abs().sum() > 0
     assert expert.blocks[0].ffn.net[0].proj.weight.grad is None or \
         expert.blocks[0].ffn.net[0].proj.weight.grad.abs().sum() == 0
-    with torch.no_grad():
-        cache = expert.prefill("video", video=video, condition=condition)
-        torch.testing.assert_close(expert.step_text(text, t_text, cache),
-                                   expert(video, text, torch.zeros(3), t_text, condition)[1], rtol=1e-5, atol=1e-5)
-        cache = expert.prefill("text", text=text, condition=condition)
-        torch.testing.assert_close(expert.step_video(video, t_video, cache),
-                                   expert(video, text, t_video, torch.zeros(3), condition)[0], rtol=1e-5, atol=1e-5)
+    assert_cached_equals_uncached(expert, video, text, condition, t_video, t_text)
 
 
 def test_one_cache_serves_steps_of_several_text_lengths_and_modes():
