@@ -240,37 +240,6 @@ def test_text_query_projection_starts_as_the_shared_one_and_only_moves_text_quer
     assert_cached_equals_uncached(own, video, text, condition, t_video, t_text)
 
 
-def test_clean_video_expert_serves_only_clean_videos_and_keeps_generation_exact():
-    video, text, condition = inputs(batch=3)
-    t_video, t_text = torch.tensor([0.0, 400.0, 1000.0]), torch.tensor([700.0, 200.0, 0.0])
-    args = (video, text, t_video, t_text, condition)
-    plain = randomize(unify_video_model(backbone(), V, L), 5)
-    expert = unify_video_model(backbone(), V, L, clean_video_expert=True)
-    missing, unexpected = expert.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and {n.split(".")[1] for n in missing} == {"0"}  # none in the last block
-    assert all(expert.parameter_group(name) == "text" for name in missing)
-    assert torch.equal(unify_video_model(backbone(), V, L, clean_video_expert=True).blocks[0].clean_video_ffn
-                       .net[0].proj.weight, backbone().blocks[0].ffn.net[0].proj.weight)  # unify copies the FFN
-    with torch.no_grad():
-        expert.blocks[0].clean_video_ffn.load_state_dict(expert.blocks[0].ffn.state_dict())
-    for a, b in zip(expert(*args), plain(*args)):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-    with torch.no_grad():  # an expert of its own: only what reads a clean video changes
-        for p in expert.blocks[0].clean_video_ffn.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
-    velocity, logits = expert(*args)
-    reference_velocity, reference_logits = plain(*args)
-    torch.testing.assert_close(velocity[1:], reference_velocity[1:], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(logits[1:], reference_logits[1:], rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(logits[0], reference_logits[0])
-    logits[0].square().mean().backward()
-    assert expert.blocks[0].clean_video_ffn.net[0].proj.weight.grad.abs().sum() > 0
-    assert expert.blocks[0].ffn.net[0].proj.weight.grad is None or \
-        expert.blocks[0].ffn.net[0].proj.weight.grad.abs().sum() == 0
-    assert_cached_equals_uncached(expert, video, text, condition, t_video, t_text)
-
-
 def test_one_cache_serves_steps_of_several_text_lengths_and_modes():
     # The cache writes each step's keys/values into buffers after the cached ones: a step of any
     # length, shorter or longer than the last, and in any grad mode must still see exactly

@@ -81,11 +81,6 @@ class TransformerConfig:
     # uniform (issue 9 notes). Keys, values and the video's queries stay shared: the model starts
     # as the one without them, and a video with no text computes what the generator did.
     text_query_projection: bool = False
-    # A third FFN in every block but the last, a copy of the video FFN at unification, that the video
-    # tokens of a clean video (timestep 0) use instead of it (ours). The pretrained video FFN
-    # never trains on clean input; this one learns features for reading the video while T2V and
-    # joint generation (noisy video) keep the generator's weights exactly.
-    clean_video_expert: bool = False
     # What the video head predicts. Wan predicts the velocity. "sample" predicts the clean latents
     # and converts them to a velocity, (x_t - x0_hat) / max(t, min_t): a denoiser whose token holds
     # more values than its width (pixel latents: 192 per token) cannot pass the noise through, but

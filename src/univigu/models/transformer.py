@@ -102,7 +102,7 @@ class UniViGUBlock(nn.Module):
     """A Wan block whose FFN is routed by modality; attention, cross-attention, norms and the
     modulation table are shared by both streams."""
 
-    def __init__(self, cfg: TransformerConfig, clean_video_expert: bool = False):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         dim = cfg.inner_dim
         self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
@@ -114,8 +114,6 @@ class UniViGUBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         if cfg.vocab_size > 0:
             self.text_ffn = FeedForward(dim, cfg.text_ffn_dim or cfg.ffn_dim)
-            if clean_video_expert:
-                self.clean_video_ffn = FeedForward(dim, cfg.ffn_dim)
             if cfg.text_query_projection:
                 inner = cfg.inner_dim
                 self.text_to_q1, self.text_to_q2 = nn.Linear(dim, inner), nn.Linear(dim, inner)
@@ -139,13 +137,14 @@ class UniViGUBlock(nn.Module):
         if not hasattr(self, text_layer) or all(kind == "video" for _, _, kind in streams):
             return None
         text_to_q = getattr(self, text_layer)
-        return _cat_tokens([(attn.to_q if kind == "video" else text_to_q)(x) for x, (_, _, kind) in zip(parts, streams)])
+        return _cat_tokens([(attn.to_q if kind == "video" else text_to_q)(x)
+                            for x, (_, _, kind) in zip(parts, streams)])
 
     def forward(self, streams: list[tuple[torch.Tensor, torch.Tensor, str]], context: torch.Tensor,
                 rope: tuple | None, mask: torch.Tensor | None,
                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | Callable | None = None,
                 context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                video_text: torch.Tensor | None = None, clean_video: torch.Tensor | None = None):
+                video_text: torch.Tensor | None = None):
         """Run one block over the token streams present.
 
         Args:
@@ -157,7 +156,6 @@ class UniViGUBlock(nn.Module):
                 (k, v) -> (keys, values) that does the prepending (`ModalityCache.join`).
             context_kv: the cross-attention keys/values of `context`, when already computed.
             video_text: [S, S_keys] bool, True where a video query meets a text key (for the bias).
-            clean_video: [B] bool, samples whose video is clean (for the clean-video expert).
 
         Returns:
             (new hidden states per stream, (keys, values) of the processed tokens).
@@ -186,21 +184,10 @@ class UniViGUBlock(nn.Module):
 
         out = []
         for h, (_, _, kind), m in zip(hidden, streams, mods):
-            x = (self.norm3(h) * (1 + m[4]) + m[3]).type_as(h)
-            y = self.text_ffn(x) if kind == "text" else self._video_ffn(x, clean_video)
+            ffn = self.ffn if kind == "video" else self.text_ffn
+            y = ffn((self.norm3(h) * (1 + m[4]) + m[3]).type_as(h))
             out.append((h.float() + y.float() * m[5]).type_as(h))
         return out, new_kv
-
-    def _video_ffn(self, x: torch.Tensor, clean: torch.Tensor | None) -> torch.Tensor:
-        """The video FFN, with the clean-video expert for the samples in `clean` where there is one."""
-        if clean is None or not hasattr(self, "clean_video_ffn") or not clean.any():
-            return self.ffn(x)
-        if clean.all():
-            return self.clean_video_ffn(x)
-        a, b = self.clean_video_ffn(x[clean]), self.ffn(x[~clean])
-        y = a.new_empty((x.shape[0], *a.shape[1:]))
-        y[clean], y[~clean] = a, b
-        return y
 
 
 @dataclass
@@ -279,10 +266,7 @@ class UniViGUTransformer(nn.Module):
         p = tuple(config.patch_size)
         self.patch_embedding = nn.Conv3d(config.in_channels, dim, kernel_size=p, stride=p)
         self.condition_embedder = ConditionEmbedder(dim, config.freq_dim, config.text_dim)
-        # No clean-video expert in the last block: the text never reads its video output.
-        experts = [config.clean_video_expert and config.vocab_size > 0 and i < config.num_layers - 1
-                   for i in range(config.num_layers)]
-        self.blocks = nn.ModuleList([UniViGUBlock(config, expert) for expert in experts])
+        self.blocks = nn.ModuleList([UniViGUBlock(config) for _ in range(config.num_layers)])
         self.norm_out = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, config.out_channels * p[0] * p[1] * p[2])
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
@@ -415,18 +399,15 @@ class UniViGUTransformer(nn.Module):
         return ts.proj_out((ts.norm_out(ht) * (1 + scale) + shift).type_as(ht)).float()
 
     def _run_blocks(self, streams, context, rope, mask, prefix=None, store: ModalityCache | None = None,
-                    context_kv: list | None = None, video_text: torch.Tensor | None = None,
-                    t_video: torch.Tensor | None = None):
-        # Samples whose video is clean take the clean-video expert (where the blocks have one).
-        clean_video = t_video == 0 if t_video is not None and self.config.clean_video_expert else None
+                    context_kv: list | None = None, video_text: torch.Tensor | None = None):
         for i, block in enumerate(self.blocks):
             kv = None if prefix is None else functools.partial(prefix.join, i)
             ckv = context_kv[i] if context_kv else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                hidden, new_kv = checkpoint(block, streams, context, rope, mask, kv, ckv, video_text, clean_video,
+                hidden, new_kv = checkpoint(block, streams, context, rope, mask, kv, ckv, video_text,
                                             use_reentrant=False)
             else:
-                hidden, new_kv = block(streams, context, rope, mask, kv, ckv, video_text, clean_video)
+                hidden, new_kv = block(streams, context, rope, mask, kv, ckv, video_text)
             streams = [(h, mod, kind) for h, (_, mod, kind) in zip(hidden, streams)]
             if store is not None:
                 store.keys.append(new_kv[0])
@@ -510,8 +491,7 @@ class UniViGUTransformer(nn.Module):
             is_video = torch.arange(n_video + n_text, device=context.device) < n_video
             mask = self._isolation_mask(is_video, t_video, t_text)
             video_text = self._video_text_pairs(is_video, ~is_video)
-        hidden = self._run_blocks(streams, context, self._cat_rope(*ropes), mask, video_text=video_text,
-                                  t_video=t_video if video is not None else None)
+        hidden = self._run_blocks(streams, context, self._cat_rope(*ropes), mask, video_text=video_text)
 
         velocity = logits = None
         if video is not None:
@@ -553,8 +533,7 @@ class UniViGUTransformer(nn.Module):
             kind = "text"
         cache.rope, cache.num_tokens = rope, h.shape[1]
         cache.context_kv = [block.attn2.project_kv(cache.context) for block in self.blocks]
-        self._run_blocks([(h, mod, kind)], cache.context, rope, None, store=cache, context_kv=cache.context_kv,
-                         t_video=zeros if clean == "video" else None)
+        self._run_blocks([(h, mod, kind)], cache.context, rope, None, store=cache, context_kv=cache.context_kv)
         return cache
 
     @staticmethod
@@ -599,17 +578,16 @@ class UniViGUTransformer(nn.Module):
         keys_cached = torch.arange(n_prefix + n, device=hv.device) < n_prefix  # keys are [cached text; own]
         video_text = self._video_text_pairs(torch.ones(n, dtype=torch.bool, device=hv.device), keys_cached)
         (hv,) = self._run_blocks([(hv, mod, "video")], cache.context, rope, mask, prefix=cache,
-                                 context_kv=cache.context_kv, video_text=video_text, t_video=t)
+                                 context_kv=cache.context_kv, video_text=video_text)
         return self._as_velocity(self._video_head(hv, temb, grid, video.shape[0]), video, t)
 
     # ------------------------------------------------------------------ parameter groups
     def parameter_group(self, name: str) -> str:
         """Which group a parameter belongs to: 'video' (the pretrained prior's own parts),
-        'text' (the new parts for understanding: the text stream's own layers and the clean-video
-        expert; none of them is used by T2V from a prompt) or 'shared' (attention,
-        cross-attention, block modulation and the prompt projection, used by both streams)."""
+        'text' (new text-only parts) or 'shared' (attention, cross-attention, block modulation
+        and the prompt projection, used by both streams)."""
         if name.startswith("text_stream.") or any(f".{part}" in name for part in (
-                "text_ffn.", "text_to_q1.", "text_to_q2.", "clean_video_ffn.")) or name.endswith(".text_key_bias"):
+                "text_ffn.", "text_to_q1.", "text_to_q2.")) or name.endswith(".text_key_bias"):
             return "text"
         if name.startswith("blocks.") and any(
                 f".{part}" in name for part in ("attn1.", "attn2.", "norm2.", "scale_shift_table")):

@@ -25,7 +25,7 @@ from .transformer import UniViGUTransformer
 
 #: Config fields a caller may set for the new text stream; everything else comes from the video model.
 TEXT_OPTIONS = ("text_ffn_dim", "text_rope", "text_rope_theta", "text_norm_eps", "attention_policy",
-                "text_position_embedding", "text_key_bias", "text_query_projection", "clean_video_expert")
+                "text_position_embedding", "text_key_bias", "text_query_projection")
 
 
 class UnifyError(ValueError):
@@ -101,9 +101,6 @@ def unify_video_model(video_model: UniViGUTransformer, vocab_size: int, text_len
         for block in model.blocks:
             block.text_to_q1.load_state_dict(block.attn1.to_q.state_dict())
             block.text_to_q2.load_state_dict(block.attn2.to_q.state_dict())
-    for block in model.blocks:  # the clean-video expert starts as the video FFN it stands in for
-        if hasattr(block, "clean_video_ffn"):
-            block.clean_video_ffn.load_state_dict(block.ffn.state_dict())
     if init == "copy":
         for block in model.blocks:
             block.text_ffn.load_state_dict(block.ffn.state_dict())

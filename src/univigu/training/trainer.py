@@ -247,8 +247,7 @@ class Trainer:
                                  attention_policy=m.attention_policy, text_rope=m.text_rope,
                                  text_ffn_dim=m.text_ffn_dim, seed=t.seed,
                                  text_position_embedding=m.text_position_embedding,
-                                 text_key_bias=m.text_key_bias, text_query_projection=m.text_query_projection,
-                                 clean_video_expert=m.clean_video_expert)
+                                 text_key_bias=m.text_key_bias, text_query_projection=m.text_query_projection)
 
     def _build_validator(self) -> Validator | None:
         source = self.val_source
