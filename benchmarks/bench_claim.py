@@ -21,6 +21,10 @@ shape and motion accuracy against steps) when matplotlib is importable. Run agai
 same settings, it only re-reads the finished runs (to re-plot, or to add variants).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_claim.py --steps 600 --kr_steps 50 --variants grown scratch
+
+The committed results (claim.json, claim_2000.json) were measured with the session-5 preset; to
+train those runs again, add its settings as overrides:
+    train.batch_size=16 model.text_query_projection=false train.mixture.joint_unconditional=0.3
 """
 
 from __future__ import annotations
@@ -76,9 +80,9 @@ def run_variant(name: str, args, world) -> list[dict]:
     root = Path(args.out) / f"{name}-{args.steps}steps"  # other budgets are other runs
     if name == "scratch":
         start = random_generator(root / "random_init", args)
-        train_stage("capability_refinement", root, start, args.steps, args, world, SCRATCH)
+        train_stage("capability_refinement", root, start, args.steps, args, world, list(args.overrides) + SCRATCH)
         return validation_log(root / "capability_refinement", 0)
-    extra = ["model.attention_policy=full"] if name == "grown_full" else []
+    extra = list(args.overrides) + (["model.attention_policy=full"] if name == "grown_full" else [])
     kr_steps = 0 if name == "grown_no_kr" else args.kr_steps
     rows, start = [], shipped_generator_dir()
     if kr_steps:
@@ -100,7 +104,7 @@ def plot(results: dict, path: Path) -> Path | None:
     for ax, metric in zip(axes, ("v2t.all_correct", "v2t.shape", "v2t.motion")):
         for name, rows in results.items():
             ax.plot([r["step"] for r in rows], [100 * r[metric] for r in rows], marker="o", label=name)
-        ax.set_xlabel("optimizer steps (batch 16)")
+        ax.set_xlabel("optimizer steps")
         ax.set_ylabel(f"{metric} (%)")
         ax.grid(alpha=0.3)
     axes[0].legend()
@@ -125,6 +129,7 @@ def main() -> None:
     parser.add_argument("--report_only", action="store_true",
                         help="train nothing: write the JSON and plot from the validations logged so far")
     parser.add_argument("--result", default=str(RESULTS_DIR / "claim.json"))
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the unified preset for every variant")
     args = parser.parse_args()
     if not 0 <= args.kr_steps < args.steps:
         parser.error("--kr_steps must lie in [0, --steps)")
@@ -139,7 +144,7 @@ def main() -> None:
     # Read the file only now: another process may have added its variants meanwhile.
     results = json.loads(result_path.read_text()).get("variants", {}) if result_path.is_file() else {}
     results.update(fresh)
-    settings = {k: getattr(args, k) for k in ("steps", "kr_steps", "eval_every", "eval_samples", "seed")}
+    settings = {k: getattr(args, k) for k in ("steps", "kr_steps", "eval_every", "eval_samples", "seed", "overrides")}
     settings["partial"] = args.report_only  # runs may still be going: their curves can end early
     payload = {"machine": machine_info(), "load_average": {"before": load_before, "after": load_average()},
                "settings": settings, "variants": results}
