@@ -29,6 +29,7 @@ from torch import nn
 
 from common import RESULTS_DIR, machine_info, write_json
 from univigu.data.shapesworld import SHAPES
+from univigu.flow.paths import RectifiedFlowPath
 from univigu.models.bundle import load_bundle
 from univigu.training.data import shapesworld_set
 
@@ -42,13 +43,13 @@ def clips(bundle, num: int, seed: int, split: str):
 
 
 @torch.no_grad()
-def clean_video_states(model, latents, null, batch: int = 250, noise_level: float = 0.0,
-                       seed: int = 0) -> dict[str, torch.Tensor]:
+def video_states(model, latents, null, batch: int = 250, noise_level: float = 0.0,
+                 seed: int = 0) -> dict[str, torch.Tensor]:
     """Hidden states [N, tokens, D] of the video: after the patch embedding and each block. The video
-    is clean unless `noise_level` > 0: then it is (1 - s) x + s noise at timestep 1000 s (seeded)."""
+    is clean unless `noise_level` > 0: then it is on the training path at that level (seeded noise)."""
     if noise_level > 0:
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
-        latents = (1 - noise_level) * latents + noise_level * noise
+        latents = RectifiedFlowPath().sample(latents, torch.full((len(latents),), noise_level), noise=noise).noisy
     states: dict[str, list] = {}
     hooks = [model.patch_embedding.register_forward_hook(
         lambda m, i, out: states.setdefault("patch", []).append(out.flatten(2).transpose(1, 2).float()))]
@@ -108,8 +109,7 @@ def probe(bundle, args) -> dict:
     latents, labels, null = clips(bundle, args.train + args.test, args.seed, "train")
     train = torch.arange(len(labels)) < args.train
     out = {}
-    states = clean_video_states(bundle.transformer.eval(), latents, null, noise_level=args.noise_level,
-                                seed=args.seed)
+    states = video_states(bundle.transformer.eval(), latents, null, noise_level=args.noise_level, seed=args.seed)
     for name, x in states.items():
         curve = mlp_max_probe(x, labels, train, args.mlp_steps, args.seed)
         out[name] = {"linear_mean_max": linear_probe(x, labels, train),
