@@ -244,6 +244,35 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, training_cache, 
         torch.testing.assert_close(weights_b[name], weights_a[name], rtol=0, atol=1e-5)
 
 
+def test_clean_video_pass_without_autograd_trains_the_same(tmp_path, training_cache, tiny_generator):
+    """Text-only training: V2T samples' clean video goes through prefill (no autograd) and the text
+    through step_text; losses and weights match the one joint forward of the same samples."""
+    runs = {}
+    for reuse in (True, False):
+        trainer = Trainer(tiny_config(tmp_path / str(reuse), training_cache, "train.trainable=text",
+                                      "train.steps=3", "train.eval_samples=0", "train.mixture.video_dropout=0.0",
+                                      stage="capability_refinement", init_from=tiny_generator), progress=False)
+        assert trainer.reuse_clean_video  # text-only under clean_isolated
+        trainer.reuse_clean_video = reuse
+        batches = [trainer.noise(trainer.make_batch(step)) for step in range(3)]
+        assert any(bool(((nb.s_video == 0) & (nb.s_text > 0)).any()) for nb in batches)  # V2T samples
+        runs[reuse] = ([trainer.train_step() for _ in range(3)], trainer.model.state_dict())
+    (logs_a, weights_a), (logs_b, weights_b) = runs[True], runs[False]
+    for a, b in zip(logs_a, logs_b):
+        for key in ("loss", "video_loss", "text_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=1e-5)
+
+
+def test_clean_video_pass_keeps_autograd_when_the_video_trains(tmp_path, training_cache, tiny_generator):
+    for trainable in ("all", "text_and_shared"):
+        trainer = Trainer(tiny_config(tmp_path / trainable, training_cache, f"train.trainable={trainable}",
+                                      "train.eval_samples=0", stage="capability_refinement",
+                                      init_from=tiny_generator), progress=False)
+        assert not trainer.reuse_clean_video, trainable
+
+
 # --------------------------------------------------------------------------------------------
 # Validation, best model, samples
 # --------------------------------------------------------------------------------------------

@@ -141,6 +141,14 @@ class Trainer:
         if distributed is not None:  # FSDP2; bf16 parameter all-gathers only on GPUs
             distributed.wrap(self.model, bf16=self.use_bf16 and self.device.type == "cuda")
         self.train_model = self.model
+        # A V2T sample's text reads a clean video. When nothing that video's own pass touches is
+        # trained (text-only training under clean_isolated), the pass is the cached sampler's
+        # prefill: it runs without autograd and only the text stream is differentiated (same
+        # outputs, less work). FSDP2 only gathers parameters inside forward, so not under torchrun.
+        self.reuse_clean_video = (distributed is None and self.model.has_text_stream
+                                  and self.model.supports_cache("video") and not any(
+                                      p.requires_grad for name, p in self.model.named_parameters()
+                                      if self.model.parameter_group(name) != "text"))
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=t.lr, betas=tuple(t.betas),
                                            weight_decay=t.weight_decay)
         # EMA in fp32, sharded like the model under FSDP2 (DTensors); frozen entries never change.
@@ -374,8 +382,7 @@ class Trainer:
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.use_bf16)
         dummy = None
         with autocast:
-            velocity, logits = self.train_model(nb.video.to(dev), text, (nb.s_video * 1000).to(dev),
-                                                None if text is None else s_text_model, condition)
+            velocity, logits = self._model_outputs(nb, text, None if text is None else s_text_model, condition)
             if alone_forward:  # text guidance branch: the same text with no video at all
                 keep = nb.drop_video.to(dev)
                 if keep.any():
@@ -393,6 +400,27 @@ class Trainer:
         result = joint_loss(**kwargs)
         loss = result.loss if dummy is None else result.loss + 0.0 * dummy.float().sum()
         return loss, result
+
+    def _model_outputs(self, nb: NoisedBatch, text, s_text, condition):
+        """(velocity, logits) of the whole batch; with `reuse_clean_video` the samples whose noisy
+        text reads a clean video go through prefill + step_text (velocity zero there: no video loss)."""
+        video, s_video = nb.video.to(self.device), (nb.s_video * 1000).to(self.device)
+        readers = None
+        if self.reuse_clean_video and text is not None:
+            readers = ((nb.s_video == 0) & (nb.s_text > 0) & ~nb.drop_video).to(self.device)
+        if readers is None or not readers.any():
+            return self.train_model(video, text, s_video, s_text, condition)
+        with torch.no_grad():
+            cache = self.model.prefill("video", video[readers], condition=condition[readers])
+        read_logits = self.model.step_text(text[readers], s_text[readers], cache)
+        velocity = torch.zeros(video.shape, dtype=torch.float32, device=video.device)
+        logits = read_logits.new_zeros((video.shape[0], *read_logits.shape[1:]))
+        logits[readers] = read_logits
+        rest = ~readers
+        if rest.any():
+            velocity[rest], logits[rest] = self.train_model(video[rest], text[rest], s_video[rest], s_text[rest],
+                                                            condition[rest])
+        return velocity, logits
 
     def train_step(self) -> dict:
         t = self.train
