@@ -246,16 +246,19 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, training_cache, 
 
 def test_clean_video_pass_without_autograd_trains_the_same(tmp_path, training_cache, tiny_generator):
     """Text-only training: V2T samples' clean video goes through prefill (no autograd) and the text
-    through step_text; losses and weights match the one joint forward of the same samples."""
+    through step_text; losses and weights match the one joint forward of the same samples (V2T
+    samples that drop the video keep their own text-only forward)."""
     runs = {}
     for reuse in (True, False):
         trainer = Trainer(tiny_config(tmp_path / str(reuse), training_cache, "train.trainable=text",
-                                      "train.steps=3", "train.eval_samples=0", "train.mixture.video_dropout=0.0",
+                                      "train.steps=3", "train.eval_samples=0", "train.mixture.video_dropout=0.3",
                                       stage="capability_refinement", init_from=tiny_generator), progress=False)
         assert trainer.reuse_clean_video  # text-only under clean_isolated
         trainer.reuse_clean_video = reuse
         batches = [trainer.noise(trainer.make_batch(step)) for step in range(3)]
-        assert any(bool(((nb.s_video == 0) & (nb.s_text > 0)).any()) for nb in batches)  # V2T samples
+        readers = [(nb.s_video == 0) & (nb.s_text > 0) for nb in batches]
+        assert any(bool((r & ~nb.drop_video).any()) for r, nb in zip(readers, batches))  # read the video
+        assert any(bool(nb.drop_video.any()) for nb in batches)  # and samples without it
         runs[reuse] = ([trainer.train_step() for _ in range(3)], trainer.model.state_dict())
     (logs_a, weights_a), (logs_b, weights_b) = runs[True], runs[False]
     for a, b in zip(logs_a, logs_b):
