@@ -25,6 +25,9 @@ same settings, it only re-reads the finished runs (to re-plot, or to add variant
 The committed results (claim.json, claim_2000.json) were measured with the session-5 preset; to
 train those runs again, add its settings as overrides:
     train.batch_size=16 model.text_query_projection=false train.mixture.joint_unconditional=0.3
+claim_session7.json used the session-7 preset with `sampler.temperature=1.0` (its validations sample
+text at temperature 1; the preset now commits text at temperature 0); benchmarks/README.md gives the
+final models' evaluation at temperature 0.
 """
 
 from __future__ import annotations
