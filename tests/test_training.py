@@ -244,6 +244,19 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, training_cache, 
         torch.testing.assert_close(weights_b[name], weights_a[name], rtol=0, atol=1e-5)
 
 
+def test_every_text_option_of_the_config_reaches_the_unified_model(tmp_path, training_cache, tiny_generator):
+    from univigu.models.unify import TEXT_OPTIONS
+
+    overrides = {"text_rope_theta": 500.0, "text_norm_eps": 1e-3, "text_rope": "rotate_half",
+                 "text_position_embedding": False, "text_key_bias": -3.0, "text_query_projection": True,
+                 "attention_policy": "full", "text_ffn_dim": 64}
+    assert set(overrides) == set(TEXT_OPTIONS)
+    trainer = Trainer(tiny_config(tmp_path, training_cache, *(f"model.{k}={v}" for k, v in overrides.items()),
+                                  "train.eval_samples=0", stage="knowledge_recall", init_from=tiny_generator),
+                      progress=False)
+    assert {k: getattr(trainer.model.config, k) for k in overrides} == overrides
+
+
 def test_clean_video_pass_without_autograd_trains_the_same(tmp_path, training_cache, tiny_generator):
     """Text-only training: V2T samples' clean video goes through prefill (no autograd) and the text
     through step_text; losses and weights match the one joint forward of the same samples (V2T

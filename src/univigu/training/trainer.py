@@ -34,7 +34,7 @@ from ..flow.paths import MixtureTextPath, NoiseLevelSampler, RectifiedFlowPath
 from ..models.bundle import INDEX_NAME, load_bundle, save_bundle
 from ..models.text import TextTokenizer, load_text_tokenizer
 from ..models.transformer import UniViGUTransformer
-from ..models.unify import unify_video_model
+from ..models.unify import TEXT_OPTIONS, unify_video_model
 from ..models.vae import load_codec
 from . import checkpoint as ckpt
 from .cache import cached_manifest_latents, cached_prompt_embeddings, default_cache_dir
@@ -249,13 +249,10 @@ class Trainer:
                 raise TrainingError(f"{t.init_from} has a text vocabulary of {base.config.vocab_size}, the "
                                     f"tokenizer {self.tokenizer.vocab_size}")
             return base
-        m = cfg.model
-        return unify_video_model(base, vocab_size=self.tokenizer.vocab_size, text_length=m.text_length,
-                                 mask_token=cfg.flow.text_source == "mask", init="copy",
-                                 attention_policy=m.attention_policy, text_rope=m.text_rope,
-                                 text_ffn_dim=m.text_ffn_dim, seed=t.seed,
-                                 text_position_embedding=m.text_position_embedding,
-                                 text_key_bias=m.text_key_bias, text_query_projection=m.text_query_projection)
+        text_options = {name: getattr(cfg.model, name) for name in TEXT_OPTIONS}  # the rest is the video's
+        return unify_video_model(base, vocab_size=self.tokenizer.vocab_size, text_length=cfg.model.text_length,
+                                 mask_token=cfg.flow.text_source == "mask", init="copy", seed=t.seed,
+                                 **text_options)
 
     def _build_validator(self) -> Validator | None:
         source = self.val_source
