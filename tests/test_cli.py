@@ -40,7 +40,7 @@ def model_dir_tf4(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(model_dir):
-    return UniViGUPipeline.from_pretrained(model_dir, device="cpu", prompt_encoder=prompt_encoder())
+    return UniViGUPipeline.from_pretrained(model_dir, device="cpu", dtype="fp32", prompt_encoder=prompt_encoder())
 
 
 def run(capsys, *argv):
@@ -118,7 +118,7 @@ def test_caption_prints_the_pipelines_captions(model_dir, pipe, tmp_path, capsys
         paths.append(path)
     expected = pipe.caption(paths, steps=3, sampler="euler", seed=7).captions
     code, out, _ = run(capsys, "caption", *paths, "--ckpt_dir", model_dir, "--sample_steps", 3,
-                       "--text_sampler", "euler", "--base_seed", 7, "--batch_size", 1)
+                       "--text_sampler", "euler", "--base_seed", 7, "--batch_size", 1, "--dtype", "fp32")
     assert code == 0
     assert out.splitlines() == [f"{p}\t{c}" for p, c in zip(paths, expected)]
     code, out, _ = run(capsys, "caption", paths[0], "--ckpt_dir", model_dir, "--sample_steps", 3,
@@ -132,7 +132,7 @@ def test_caption_prints_the_pipelines_captions(model_dir, pipe, tmp_path, capsys
 def test_joint_writes_the_video_and_prints_its_caption(model_dir, pipe, tmp_path, capsys):
     video = tmp_path / "joint.mp4"
     code, out, _ = run(capsys, "joint", "--prompt", PROMPT, "--ckpt_dir", model_dir, "--sample_steps", 3,
-                       "--text_sampler", "confidence", "--base_seed", 2, "--save_file", video)
+                       "--text_sampler", "confidence", "--base_seed", 2, "--save_file", video, "--dtype", "fp32")
     assert code == 0
     expected = pipe.joint(PROMPT, steps=3, text_sampler="confidence", seed=2)
     assert f"caption: {expected.captions[0]}" in out.splitlines()
@@ -168,7 +168,7 @@ def test_convert_turns_a_diffusers_wan_into_a_loadable_model_directory(wan, tmp_
                           "--frame_num", 5, "--condition_length", 16, "--sample_steps", 2)
     assert code == 0 and "video-only" in stdout
 
-    pipe = UniViGUPipeline.from_pretrained(out, device="cpu", prompt_encoder=prompt_encoder())
+    pipe = UniViGUPipeline.from_pretrained(out, device="cpu", dtype="fp32", prompt_encoder=prompt_encoder())
     ours, theirs = pipe.transformer.state_dict(), wan.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert pipe.codec.kind == "pixel_shuffle" and pipe.codec.spatial_factor == 4
@@ -192,7 +192,7 @@ def test_convert_reads_an_original_format_wan_checkpoint(wan, tmp_path, capsys):
     code, _, _ = run(capsys, "convert", "--original", tmp_path / "wan_original.safetensors", "--config",
                      tmp_path / "config.json", "--out", out, "--size", "16*16", "--frame_num", 5)
     assert code == 0
-    pipe = UniViGUPipeline.from_pretrained(out, device="cpu", prompt_encoder=prompt_encoder())
+    pipe = UniViGUPipeline.from_pretrained(out, device="cpu", dtype="fp32", prompt_encoder=prompt_encoder())
     ours, theirs = pipe.transformer.state_dict(), wan.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     code, _, err = run(capsys, "convert", "--original", tmp_path / "wan_original.safetensors", "--out",

@@ -37,7 +37,7 @@ def full_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(model_dir):
-    return UniViGUPipeline.from_pretrained(model_dir, device="cpu", prompt_encoder=prompt_encoder())
+    return UniViGUPipeline.from_pretrained(model_dir, device="cpu", dtype="fp32", prompt_encoder=prompt_encoder())
 
 
 def _frames(latents: torch.Tensor) -> np.ndarray:
@@ -60,7 +60,7 @@ def _grid(steps: int, shift: float) -> list[float]:
 def test_generate_is_the_guided_video_ode_with_the_prompt_in_the_text_stream(which, negative, model_dir,
                                                                                full_model_dir):
     directory = model_dir if which == "isolated" else full_model_dir
-    pipe = UniViGUPipeline.from_pretrained(directory, device="cpu", prompt_encoder=prompt_encoder())
+    pipe = UniViGUPipeline.from_pretrained(directory, device="cpu", dtype="fp32", prompt_encoder=prompt_encoder())
     steps, shift, scale, seeds = 3, 2.5, 2.5, [5, 9]
     out = pipe.generate(PROMPTS, steps=steps, solver="euler", shift=shift, guidance_scale=scale, seed=seeds,
                         negative_prompt=negative)
@@ -137,7 +137,7 @@ class RecordingModel(torch.nn.Module):
 @pytest.mark.parametrize("which", ["isolated", "full"])
 def test_captioning_sees_only_the_null_condition_and_the_clean_video_latents(which, model_dir, full_model_dir):
     directory = model_dir if which == "isolated" else full_model_dir
-    pipe = UniViGUPipeline.from_pretrained(directory, device="cpu", prompt_encoder=prompt_encoder())
+    pipe = UniViGUPipeline.from_pretrained(directory, device="cpu", dtype="fp32", prompt_encoder=prompt_encoder())
     pipe.transformer = RecordingModel(pipe.transformer)
     video = torch.rand(2, 3, 5, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
     pipe.caption(video, steps=3, guidance_scale=1.0)
@@ -200,7 +200,7 @@ def test_a_sample_does_not_depend_on_its_batch(pipe):
 
 def test_save_and_load_round_trip_gives_identical_outputs(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "copy")
-    loaded = UniViGUPipeline.from_pretrained(tmp_path / "copy", device="cpu", prompt_encoder=prompt_encoder())
+    loaded = UniViGUPipeline.from_pretrained(tmp_path / "copy", device="cpu", dtype="fp32", prompt_encoder=prompt_encoder())
     a, b = pipe.transformer.state_dict(), loaded.transformer.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(loaded.null_condition, pipe.null_condition)
