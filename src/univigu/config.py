@@ -151,6 +151,10 @@ class SamplerConfig:
     text_sampler: Literal["euler", "confidence"] = "confidence"
     text_guidance_scale: float = 1.0
     temperature: float = 1.0
+    # V2T draws this many captions per video (the first at `temperature`, the rest at temperature 1)
+    # and keeps the one under which the model's own text-to-video flow loss is lowest (flow/verify.py).
+    caption_candidates: int = 1
+    verify_levels: tuple[float, ...] = (0.3, 0.5)  # noise levels of that loss
 
 
 @dataclass

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -41,8 +41,9 @@ import torch
 
 from .config import FlowConfig, PromptEncoderConfig, SamplerConfig, WorldConfig, to_dict
 from .flow.paths import MixtureTextPath
-from .flow.samplers import (JointSamplerOptions, TextSamplerOptions, VideoSamplerOptions, sample_joint,
+from .flow.samplers import (JointSamplerOptions, TextSample, TextSamplerOptions, VideoSamplerOptions, sample_joint,
                             sample_text, sample_video)
+from .flow.verify import pick_lowest, video_flow_loss
 from .models.bundle import Bundle, load_bundle, save_bundle
 from .models.text import PromptEncoder, TextTokenizer, load_prompt_encoder
 from .models.transformer import UniViGUTransformer
@@ -360,14 +361,65 @@ class UniViGUPipeline:
             video = self.codec.decode(latents.to(self.device)).float()
         return [tensor_to_frames(v) for v in video]
 
-    def _caption_latents(self, latents: torch.Tensor, seeds: list[int], options: TextSamplerOptions):
+    def _caption_latents(self, latents: torch.Tensor, seeds: list[int], options: TextSamplerOptions,
+                         candidates: int | None = None):
+        """Captions of clean latents; with `candidates` > 1 (default sampler.json), the one of that
+        many per video that the model's own video flow finds most likely (flow/verify.py)."""
+        sample = self._sample_captions(latents, seeds, options)
+        k = self.sampler.caption_candidates if candidates is None else candidates
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise PipelineError(f"candidates must be a positive integer, got {k!r}")
+        if k == 1:
+            return self.tokenizer.decode(sample.tokens.cpu()), sample
+        batch = latents.shape[0]
+        # Candidate j of video i: the sampler's caption (j = 0), then posterior samples at
+        # temperature 1 with seeds of their own.
+        extra = self._sample_captions(latents.repeat_interleave(k - 1, 0),
+                                      [s * k + j for s in seeds for j in range(1, k)],
+                                      replace(options, temperature=1.0))
+        tokens = torch.cat([sample.tokens[:, None], extra.tokens.view(batch, k - 1, -1)], 1).cpu()
+        texts = [self.tokenizer.decode(row) for row in tokens]
+        chosen = self._verify_captions(latents, seeds, texts, tokens)
+        sequences = [[sample.sequences[i]] + extra.sequences[i * (k - 1):(i + 1) * (k - 1)] for i in range(batch)]
+        verified = TextSample(tokens=torch.stack([tokens[i, j] for i, j in enumerate(chosen)]),
+                              sequences=[sequences[i][j] for i, j in enumerate(chosen)],
+                              nfe=sample.nfe + extra.nfe)
+        return [texts[i][j] for i, j in enumerate(chosen)], verified
+
+    def _sample_captions(self, latents: torch.Tensor, seeds: list[int], options: TextSamplerOptions):
         batch = latents.shape[0]
         with torch.no_grad(), self._autocast():
-            sample = sample_text(self.transformer, latents, self.null_condition.expand(batch, -1, -1),
-                                 self.text_path, self.transformer.config.text_length,
-                                 eos_id=self.tokenizer.eos_id, options=options, seeds=seeds,
-                                 skip_ids=self.tokenizer.special_ids)
-        return self.tokenizer.decode(sample.tokens.cpu()), sample
+            return sample_text(self.transformer, latents, self.null_condition.expand(batch, -1, -1),
+                               self.text_path, self.transformer.config.text_length,
+                               eos_id=self.tokenizer.eos_id, options=options, seeds=seeds,
+                               skip_ids=self.tokenizer.special_ids)
+
+    def _verify_captions(self, latents: torch.Tensor, seeds: list[int], texts: list[list[str]],
+                         tokens: torch.Tensor) -> list[int]:
+        """Per video, the index of its candidate caption with the lowest video flow loss; videos
+        whose candidates all agree are not scored."""
+        rows = [(i, j) for i, row in enumerate(texts) if len(set(row)) > 1
+                for j, text in enumerate(row) if text not in row[:j]]
+        chosen = [0] * len(texts)
+        if not rows:
+            return chosen
+        owners = [i for i, _ in rows]
+        candidate_texts = [texts[i][j] for i, j in rows]
+        stream = None
+        if self.has_text_stream:
+            # As in T2V, the clean text stream holds what the condition encodes.
+            stream = self.tokenizer.encode(candidate_texts, self.transformer.config.text_length, truncate=True)
+            stream = stream.to(self.device)
+        with torch.no_grad(), self._autocast():
+            losses = video_flow_loss(self.transformer, latents[owners], stream,
+                                     self.encode_prompts(candidate_texts), [seeds[i] for i in owners],
+                                     levels=self.sampler.verify_levels)
+        videos = sorted(set(owners))
+        position = {v: n for n, v in enumerate(videos)}
+        best = pick_lowest(losses.cpu(), [position[i] for i in owners], len(videos))
+        for video, b in zip(videos, best):
+            chosen[video] = rows[b][1]
+        return chosen
 
     # ------------------------------------------------------------------ T2V
     def generate(self, prompt: str | Sequence[str], num_frames: int | None = None, height: int | None = None,
@@ -466,13 +518,16 @@ class UniViGUPipeline:
 
     def caption(self, video, steps: int | None = None, sampler: str | None = None, seed: int | Sequence[int] = 0,
                 guidance_scale: float | None = None, temperature: float | None = None,
-                num_frames: int | None = None, height: int | None = None, width: int | None = None
-                ) -> CaptionOutput:
+                num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                candidates: int | None = None) -> CaptionOutput:
         """Video-to-text: caption one video or a batch (see `load_videos` for accepted inputs).
 
         The text sampler (`euler` or `confidence`, default sampler.json) runs on the clean video
         latents with the stored null condition. `guidance_scale` is the text guidance against the
-        branch without video (1 = none).
+        branch without video (1 = none). With `candidates` K > 1 (default sampler.json's
+        caption_candidates) it draws K captions per video, the first as above and the rest at
+        temperature 1, and keeps the one under which the model's own text-to-video flow loss on
+        the video is lowest: the generator verifies the caption (flow/verify.py).
         """
         self._require_text_stream("captioning")
         options = self._text_options(steps, sampler, guidance_scale, temperature)
@@ -480,7 +535,7 @@ class UniViGUPipeline:
         seeds = _seed_list(seed, videos.shape[0])
         with torch.no_grad(), self._autocast():
             latents = self.codec.encode(videos).float()
-        captions, sample = self._caption_latents(latents, seeds, options)
+        captions, sample = self._caption_latents(latents, seeds, options, candidates)
         return CaptionOutput(captions=captions, tokens=sample.tokens.cpu(), seeds=seeds, nfe=sample.nfe)
 
     # ------------------------------------------------------------------ joint

@@ -12,6 +12,7 @@ examples:
   univigu caption clip.mp4 --ckpt_dir runs/unified/model
   univigu caption videos/*.mp4 --ckpt_dir runs/unified/model --sample_steps 16 \\
       --text_sampler confidence --base_seed 3 --json > captions.jsonl
+  univigu caption clip.mp4 --ckpt_dir runs/unified/model --candidates 8   # verified by the video flow
 
 Each video is sampled to the model's frame count (evenly over the clip) and resized to its frame
 size (cover + centre crop) unless --frame_num / --size say otherwise. One video prints its
@@ -34,6 +35,9 @@ def register(subparsers) -> None:
     parser.add_argument("--sample_guide_scale", type=float, default=None, metavar="G",
                         help="text guidance against the branch without video (1 = off)")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = argmax)")
+    parser.add_argument("--candidates", type=int, default=None, metavar="K",
+                        help="draw K captions per video and keep the one the model's own video flow finds "
+                             "most likely (default: the model's caption_candidates)")
     parser.add_argument("--base_seed", type=int, default=0, metavar="K",
                         help="random seed; video i uses K + i (default 0)")
     parser.add_argument("--batch_size", type=int, default=8, help="videos per model call (default 8)")
@@ -47,13 +51,15 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.base_seed < 0:
         raise CommandError(f"--base_seed must be >= 0, got {args.base_seed}")
+    if args.candidates is not None and args.candidates < 1:
+        raise CommandError(f"--candidates must be at least 1, got {args.candidates}")
     pipe = load_pipeline(args)
     captions = []
     for start in range(0, len(args.videos), args.batch_size):
         batch = args.videos[start:start + args.batch_size]
         out = pipe.caption(batch, steps=args.sample_steps, sampler=args.text_sampler, seed=args.base_seed + start,
                            guidance_scale=args.sample_guide_scale, temperature=args.temperature,
-                           num_frames=args.frame_num, height=height, width=width)
+                           num_frames=args.frame_num, height=height, width=width, candidates=args.candidates)
         captions += out.captions
     for path, caption in zip(args.videos, captions):
         if args.json:

@@ -52,5 +52,6 @@ from .samplers import (
     sample_video,
     supports_cache,
 )
+from .verify import pick_lowest, video_flow_loss
 
 __all__ = [name for name in dir() if not name.startswith("_")]
