@@ -16,12 +16,16 @@ The text source (mask or uniform) is read from each directory's `flow.json` (the
 builds) and labels its rows; `confidence` needs masks, so it is skipped for a uniform-source model.
 Sample i of the manifest gets seed `seed + i` in every run, so rows differ only in model, sampler
 and steps. Temperature and text guidance are the directory's `sampler.json` defaults unless
-`--temperature` is given.
+`--temperature` is given. `--candidates K ...` adds caption verification as a further axis: K
+captions per video, the one the model's own video flow finds most likely kept (flow/verify.py); the
+verification's model calls are not in the NFE column, its time is in the seconds.
 
     python benchmarks/bench_text_sampling.py --models runs/mask/model runs/uniform/model \\
         --manifest data/shapes/test.jsonl --num 100 --threads 1
     python benchmarks/bench_text_sampling.py --models runs/mask/model --manifest data/shapes/test.jsonl \\
         --steps 2 4 8 --samplers confidence --plot benchmarks/results/text_sampling.png
+    python benchmarks/bench_text_sampling.py --models runs/demo/capability_refinement/model \\
+        --manifest runs/demo/test_data/test.jsonl --num 300 --steps 12 --samplers confidence --candidates 1 4 8
 Writes benchmarks/results/text_sampling.json (and the plot when matplotlib is importable).
 """
 
@@ -53,9 +57,10 @@ class TimedCaptioner(PipelineEvaluatee):
     is counted here: sample i gets `seed + i` whatever the batch size. Only the pipeline call is
     timed (the videos are decoded before and scored after)."""
 
-    def __init__(self, pipeline, world, sampler: str, steps: int, seed: int, temperature: float | None):
+    def __init__(self, pipeline, world, sampler: str, steps: int, seed: int, temperature: float | None,
+                 candidates: int | None = None):
         super().__init__(pipeline, world)
-        self.sampler, self.steps, self.temperature = sampler, steps, temperature
+        self.sampler, self.steps, self.temperature, self.candidates = sampler, steps, temperature, candidates
         self.next_seed = seed
         self.wall_s = self.cpu_s = 0.0
         self.nfe: list[int] = []  # one per batch
@@ -67,7 +72,8 @@ class TimedCaptioner(PipelineEvaluatee):
         self.next_seed += len(videos)
         out = {}
         wall, cpu = timed_both(lambda: out.setdefault("caption", self.pipeline.caption(
-            batch, steps=self.steps, sampler=self.sampler, seed=seeds, temperature=self.temperature)),
+            batch, steps=self.steps, sampler=self.sampler, seed=seeds, temperature=self.temperature,
+            candidates=self.candidates)),
             self.pipeline.device)
         self.wall_s += wall
         self.cpu_s += cpu
@@ -113,8 +119,8 @@ def split_metrics(metrics: dict) -> dict:
             for split, flat in metrics.items() if split != "meta"}
 
 
-def run_case(pipe, directory, source, samples, world, sampler, steps, args) -> dict:
-    captioner = TimedCaptioner(pipe, world, sampler, steps, args.seed, args.temperature)
+def run_case(pipe, directory, source, samples, world, sampler, steps, args, candidates=None) -> dict:
+    captioner = TimedCaptioner(pipe, world, sampler, steps, args.seed, args.temperature, candidates)
     metrics = evaluate(captioner, samples, world, tasks=["v2t"], seed=args.seed, batch_size=args.batch_size,
                        caption_backend=args.caption_backend)
     n = len(samples)
@@ -125,6 +131,7 @@ def run_case(pipe, directory, source, samples, world, sampler, steps, args) -> d
     return {
         "model": str(directory), "source": source, "sampler": sampler, "steps": steps,
         "temperature": options.temperature, "text_guidance_scale": options.guidance_scale,
+        "caption_candidates": pipe.sampler.caption_candidates if candidates is None else candidates,
         "nfe_per_caption": nfe[0] if len(nfe) == 1 else nfe,
         "wall_s_per_caption": captioner.wall_s / n, "cpu_s_per_caption": captioner.cpu_s / n,
         "n": n, "batch_size": args.batch_size,
@@ -144,6 +151,11 @@ def label(row) -> str:
     return f"{Path(row['model']).name} ({row['source']})"
 
 
+def sampler_name(row) -> str:
+    k = row.get("caption_candidates", 1)
+    return row["sampler"] if k == 1 else f"{row['sampler']} x{k}"
+
+
 def format_table(rows, clock: str) -> str:
     """One line per (model, sampler, steps, split): accuracies in %, caption metrics, NFE, time."""
     names = [*ATTRIBUTES, *CAPTION_METRICS]
@@ -152,7 +164,7 @@ def format_table(rows, clock: str) -> str:
             + " ".join(f"{n:>{w}s}" for n, w in zip(names, widths)) + f" {clock + ' s/cap':>10s}")
     lines = [head, "-" * len(head)]
     for row in rows:
-        front = f"{label(row)[:24]:24s} {row['sampler']:10s} {row['steps']:5d}"
+        front = f"{label(row)[:24]:24s} {sampler_name(row):10s} {row['steps']:5d}"
         if "skipped" in row:
             lines.append(f"{front} skipped: {row['skipped']}")
             continue
@@ -185,7 +197,7 @@ def plot(rows, path: str) -> str | None:
     for row in rows:
         if "skipped" not in row:
             flat = next(iter(row["metrics"].values()))
-            lines.setdefault((label(row), row["sampler"]), []).append((row["steps"], flat["all_correct"]))
+            lines.setdefault((label(row), sampler_name(row)), []).append((row["steps"], flat["all_correct"]))
     fig, ax = plt.subplots(figsize=(6, 4))
     for (name, sampler), points in lines.items():
         points.sort()
@@ -215,6 +227,8 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=16, help="videos per pipeline call (default %(default)s)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="posterior temperature (default: each model's sampler.json)")
+    parser.add_argument("--candidates", nargs="+", type=int, default=[None], metavar="K",
+                        help="captions per video, verified by the video flow (default: each model's sampler.json)")
     parser.add_argument("--caption_backend", default="auto", choices=("auto", "pycocoevalcap", "python"),
                         help="caption metrics: pycocoevalcap needs Java; auto uses it when present")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
@@ -223,8 +237,8 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS_DIR / "text_sampling.json"))
     parser.add_argument("--plot", default=None, metavar="PNG", help="also plot all_correct against steps")
     args = parser.parse_args(argv)
-    if args.num < 1 or args.batch_size < 1 or min(args.steps) < 1:
-        parser.error("--num, --batch_size and every --steps must be at least 1")
+    if args.num < 1 or args.batch_size < 1 or min(args.steps) < 1 or min(k or 1 for k in args.candidates) < 1:
+        parser.error("--num, --batch_size, every --steps and every --candidates must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = load_average()
@@ -244,8 +258,9 @@ def main(argv=None):
                 if sampler == "confidence" and source != "mask":
                     rows.append(skipped_row(directory, source, sampler, steps, "confidence needs the mask source"))
                     continue
-                rows.append(run_case(pipe, directory, source, samples, world, sampler, steps, args))
-                print("\n".join(format_table(rows[-1:], clock).splitlines()[2:]), flush=True)
+                for candidates in args.candidates:
+                    rows.append(run_case(pipe, directory, source, samples, world, sampler, steps, args, candidates))
+                    print("\n".join(format_table(rows[-1:], clock).splitlines()[2:]), flush=True)
         del pipe
 
     print()
