@@ -85,6 +85,7 @@ def test_caption_keeps_the_candidate_with_the_lowest_video_flow_loss(pipe):
     assert out.captions == chosen
     assert out.captions == pipe.caption(video, seed=0, temperature=0.0, candidates=k).captions  # same seed
     assert pipe.tokenizer.decode(out.tokens) == out.captions
+    assert out.nfe == k * pipe.caption(video, seed=0, temperature=0.0, candidates=1).nfe
 
 
 def test_one_candidate_is_the_plain_sampler_and_bad_counts_are_refused(pipe):

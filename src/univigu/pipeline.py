@@ -77,6 +77,8 @@ class CaptionOutput:
     captions: list[str]
     tokens: torch.Tensor  # long [B, L], the whole canvas
     seeds: list[int]
+    # Text-sampler model evaluations per caption: K times the sampler's with K candidates (the
+    # verification's flow-loss forwards, at most K per noise level, are not counted).
     nfe: int
 
 
@@ -383,7 +385,7 @@ class UniViGUPipeline:
         sequences = [[sample.sequences[i]] + extra.sequences[i * (k - 1):(i + 1) * (k - 1)] for i in range(batch)]
         verified = TextSample(tokens=torch.stack([tokens[i, j] for i, j in enumerate(chosen)]),
                               sequences=[sequences[i][j] for i, j in enumerate(chosen)],
-                              nfe=sample.nfe + extra.nfe)
+                              nfe=sample.nfe + (k - 1) * extra.nfe)
         return [texts[i][j] for i, j in enumerate(chosen)], verified
 
     def _sample_captions(self, latents: torch.Tensor, seeds: list[int], options: TextSamplerOptions):

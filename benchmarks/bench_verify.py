@@ -1,0 +1,100 @@
+"""How well a model's own text-to-video flow loss tells an attribute apart (caption verification).
+
+For each ShapesWorld test video (the model's world, `make_samples(..., split="test")`) and each
+attribute (shape, motion, size, colour), the script writes one caption per value of the attribute
+(the true caption with that attribute's words swapped), scores every caption by
+`univigu.flow.verify.video_flow_loss` (the caption as the prompt and as the clean text stream, the
+same noise for every caption of a video) at each set of noise levels, and counts how often the
+true value has the lowest loss. Chance is one over the number of values.
+
+    python benchmarks/bench_verify.py --model src/univigu/assets/generator --num 200 --threads 2
+    python benchmarks/bench_verify.py --model runs/demo/capability_refinement/model --levels 0.3,0.5 0.5,0.7
+
+Writes benchmarks/results/verify_discrimination.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+import numpy as np
+import torch
+
+from common import RESULTS_DIR, machine_info, write_json
+from univigu.data.shapesworld import COLOURS, MOTION_PHRASES, SHAPES, SIZES, make_samples, render
+from univigu.flow.verify import video_flow_loss
+from univigu.pipeline import UniViGUPipeline
+
+# attribute -> {value: the words a caption uses for it}
+WORDS = {
+    "shape": {s: s for s in SHAPES},
+    "motion": dict(MOTION_PHRASES),
+    "size": {s: s for s in SIZES},
+    "colour": {c: c for c in COLOURS},
+}
+
+
+def swapped_captions(sample, attribute: str) -> tuple[list[str], int]:
+    """One caption per value of `attribute` (the true caption with its words replaced), and the
+    index of the true value."""
+    obj = sample.scene.objects[0]
+    values = list(WORDS[attribute])
+    true_words = WORDS[attribute][getattr(obj, attribute)]
+    pattern = re.compile(rf"\b{re.escape(true_words)}\b")  # whole words: "star" is not in "starts"
+    if len(pattern.findall(sample.caption)) != 1:
+        raise SystemExit(f"cannot swap {attribute} in {sample.caption!r}")
+    captions = [pattern.sub(WORDS[attribute][v], sample.caption) for v in values]
+    return captions, values.index(getattr(obj, attribute))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model directory (a generator or a unified model)")
+    parser.add_argument("--num", type=int, default=200, help="test videos (default %(default)s)")
+    parser.add_argument("--attributes", nargs="+", default=list(WORDS), choices=list(WORDS))
+    parser.add_argument("--levels", nargs="+", default=["0.1", "0.3", "0.5", "0.7", "0.3,0.5", "0.6,0.8"],
+                        help="noise-level sets, comma-separated within a set (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="ShapesWorld seed of the test videos")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or auto (default %(default)s)")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "verify_discrimination.json"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    level_sets = [tuple(float(x) for x in spec.split(",")) for spec in args.levels]
+    pipe = UniViGUPipeline.from_pretrained(args.model, dtype=args.dtype)
+    samples = make_samples(args.num, args.seed, pipe.world, "test")
+    frames = np.stack([render(s.scene, pipe.world) for s in samples])
+    videos = torch.from_numpy(frames).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)
+    latents = pipe.codec.encode(videos)
+
+    results = []
+    for attribute in args.attributes:
+        pairs = [swapped_captions(s, attribute) for s in samples]
+        k = len(pairs[0][0])
+        texts = [c for captions, _ in pairs for c in captions]
+        truth = torch.tensor([t for _, t in pairs])
+        stream = None
+        if pipe.has_text_stream:
+            stream = pipe.tokenizer.encode(texts, pipe.transformer.config.text_length, truncate=True)
+        condition = pipe.encode_prompts(texts)
+        for levels in level_sets:
+            start = time.perf_counter()
+            with torch.no_grad():
+                losses = video_flow_loss(pipe.transformer, latents.repeat_interleave(k, 0), stream, condition,
+                                         [i for i in range(args.num) for _ in range(k)], levels=levels)
+            accuracy = (losses.view(args.num, k).argmin(1) == truth).float().mean().item()
+            row = {"attribute": attribute, "values": k, "levels": list(levels), "accuracy": accuracy,
+                   "chance": 1 / k, "seconds": time.perf_counter() - start}
+            results.append(row)
+            print(f"{attribute:7s} ({k} values) levels {','.join(map(str, levels)):8s} "
+                  f"true value lowest: {100 * accuracy:5.1f}% (chance {100 / k:.0f}%)", flush=True)
+    payload = {"benchmark": "verify_discrimination", "model": args.model, "num": args.num, "seed": args.seed,
+               "dtype": str(pipe.dtype), "machine": machine_info(), "results": results}
+    print(f"wrote {write_json(args.out, payload)}")
+
+
+if __name__ == "__main__":
+    main()
