@@ -12,11 +12,14 @@ both alike::
 
 Ours (`UniViGUTransformer`, vocab_size=0) and diffusers' `WanTransformer3DModel` hold identical
 weights and alternate (ours first on even repetitions). Issue 10's target: ours >= 0.35 (stretch
-0.40), where diffusers reached about 0.28 on an AVX-512 machine. The step runs in fp32; one bf16
-matmul is timed against fp32 to record whether bf16 is native here (on an AVX2-only CPU it is
-emulated and far slower, so a bf16 efficiency would say nothing).
+0.40), where diffusers reached about 0.28 on an AVX-512 machine. `--precision fp32` (default) runs
+the step and the peak matmul in fp32; `--precision bf16` runs the step under bf16 autocast (fp32
+weights, as a training run does) against a bf16 matmul: the issue's own measure, meaningful only
+where bf16 is native. One bf16 matmul is timed against fp32 to record whether it is (on an
+AVX2-only CPU bf16 is emulated and far slower, so a bf16 efficiency would say nothing).
 
     python benchmarks/bench_mfu.py                  # fp32, median of 7 after 2 warm-ups
+    python benchmarks/bench_mfu.py --precision bf16 --out benchmarks/results/mfu_bf16.json
     python benchmarks/bench_mfu.py --profile        # also where ours spends a step (top ops)
 Writes benchmarks/results/mfu.json.
 """
@@ -82,18 +85,26 @@ def make_batch(config: TransformerConfig, seed: int = 1):
     return video, target, timestep, condition
 
 
-def train_step_fn(model, is_ours: bool, batch):
-    """One training step (forward, MSE, backward, AdamW) as a closure."""
+def train_step_fn(model, is_ours: bool, batch, bf16: bool = False):
+    """One training step (forward, MSE, backward, AdamW) as a closure; bf16 autocasts the forward."""
     video, target, timestep, condition = batch
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = forward()
+        return finish(out)  # loss in fp32, backward outside autocast (as the trainer does)
+
+    def forward():
         if is_ours:
             out = model(video, None, timestep, None, condition)[0]
         else:
             out = model(hidden_states=video, timestep=timestep, encoder_hidden_states=condition,
                         return_dict=False)[0]
+        return out
+
+    def finish(out):
         loss = torch.nn.functional.mse_loss(out.float(), target)
         loss.backward()
         optimizer.step()
@@ -140,6 +151,8 @@ def main(argv=None):
     parser.add_argument("--gemm-n", type=int, default=2048, help="size of the square matmul giving the peak")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-bf16-check", action="store_true", help="skip timing one bf16 matmul against fp32")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="the step (bf16: autocast) and the peak matmul's dtype (default fp32)")
     parser.add_argument("--profile", action="store_true", help="profile one step of each model")
     parser.add_argument("--out", default=str(RESULTS_DIR / "mfu.json"))
     args = parser.parse_args(argv)
@@ -154,10 +167,12 @@ def main(argv=None):
     batch = make_batch(config)
     n_video = LATENT[1] * (LATENT[2] // 2) * (LATENT[3] // 2)
     flops = training_step_flops(config, BATCH, n_video, 0, CONDITION_LENGTH)
-    steps = {"ours": train_step_fn(ours, True, batch), "diffusers": train_step_fn(reference, False, batch)}
+    bf16 = args.precision == "bf16"
+    steps = {"ours": train_step_fn(ours, True, batch, bf16), "diffusers": train_step_fn(reference, False, batch, bf16)}
     gemm_n = args.gemm_n
     gen = torch.Generator().manual_seed(3)
-    a, b = torch.randn(gemm_n, gemm_n, generator=gen), torch.randn(gemm_n, gemm_n, generator=gen)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = (torch.randn(gemm_n, gemm_n, generator=gen).to(dtype) for _ in range(2))
     gemm = lambda: torch.mm(a, b)  # noqa: E731
 
     # Both clocks: wall time, and this process's CPU time (with one thread, immune to preemption
@@ -193,15 +208,15 @@ def main(argv=None):
                                                             / results[clock]["diffusers"]["efficiency"])
     payload = {
         "benchmark": "mfu",
-        "description": "training step (forward + MSE + backward + AdamW) FLOP/s over fp32 square-matmul "
-                       "FLOP/s measured in the same run; ours vs diffusers WanTransformer3DModel",
+        "description": f"training step (forward + MSE + backward + AdamW) FLOP/s over {args.precision} "
+                       "square-matmul FLOP/s measured in the same run; ours vs diffusers WanTransformer3DModel",
+        "precision": args.precision,
         "target": "ours >= 0.35 (stretch 0.40); diffusers ~0.28 on the AVX-512 machine that set it",
         "config": {**SMALL, "latent": list(LATENT), "batch": BATCH, "condition_length": CONDITION_LENGTH,
                    "video_tokens": n_video},
-        "precision": "fp32",
         "training_step_flops": flops,
         "forward_flops": forward_flops(config, BATCH, n_video, 0, CONDITION_LENGTH),
-        "gemm": {"n": gemm_n, "dtype": "float32"},
+        "gemm": {"n": gemm_n, "dtype": str(dtype).removeprefix("torch.")},
         "clocks": {"cpu": ("process CPU time (primary with one thread: immune to preemption)"
                            if torch.get_num_threads() == 1 else
                            f"process CPU time summed over {torch.get_num_threads()} threads"),
@@ -227,7 +242,7 @@ def main(argv=None):
             r = results[clock][who]
             print(f"[{clock}] {who:9s} step {r['step_s']:.3f} s  {r['achieved_gflop_per_s']:.1f} GFLOP/s  "
                   f"efficiency {r['efficiency']:.3f} (per-rep median {r['efficiency_median_per_rep']:.3f})")
-        print(f"[{clock}] matmul {results[clock]['gemm_gflop_per_s']:.1f} GFLOP/s (fp32, n={gemm_n})")
+        print(f"[{clock}] matmul {results[clock]['gemm_gflop_per_s']:.1f} GFLOP/s ({args.precision}, n={gemm_n})")
     print(f"wrote {write_json(args.out, payload)}")
 
 
