@@ -381,7 +381,7 @@ class UniViGUPipeline:
                                       replace(options, temperature=1.0))
         tokens = torch.cat([sample.tokens[:, None], extra.tokens.view(batch, k - 1, -1)], 1).cpu()
         texts = [self.tokenizer.decode(row) for row in tokens]
-        chosen = self._verify_captions(latents, seeds, texts, tokens)
+        chosen = self._verify_captions(latents, seeds, texts)
         sequences = [[sample.sequences[i]] + extra.sequences[i * (k - 1):(i + 1) * (k - 1)] for i in range(batch)]
         verified = TextSample(tokens=torch.stack([tokens[i, j] for i, j in enumerate(chosen)]),
                               sequences=[sequences[i][j] for i, j in enumerate(chosen)],
@@ -396,8 +396,7 @@ class UniViGUPipeline:
                                eos_id=self.tokenizer.eos_id, options=options, seeds=seeds,
                                skip_ids=self.tokenizer.special_ids)
 
-    def _verify_captions(self, latents: torch.Tensor, seeds: list[int], texts: list[list[str]],
-                         tokens: torch.Tensor) -> list[int]:
+    def _verify_captions(self, latents: torch.Tensor, seeds: list[int], texts: list[list[str]]) -> list[int]:
         """Per video, the index of its candidate caption with the lowest video flow loss; videos
         whose candidates all agree are not scored."""
         rows = [(i, j) for i, row in enumerate(texts) if len(set(row)) > 1
