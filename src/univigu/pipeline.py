@@ -367,10 +367,10 @@ class UniViGUPipeline:
                          candidates: int | None = None):
         """Captions of clean latents; with `candidates` > 1 (default sampler.json), the one of that
         many per video that the model's own video flow finds most likely (flow/verify.py)."""
-        sample = self._sample_captions(latents, seeds, options)
         k = self.sampler.caption_candidates if candidates is None else candidates
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise PipelineError(f"candidates must be a positive integer, got {k!r}")
+        sample = self._sample_captions(latents, seeds, options)
         if k == 1:
             return self.tokenizer.decode(sample.tokens.cpu()), sample
         batch = latents.shape[0]

@@ -45,15 +45,17 @@ def video_flow_loss(model: Any, latents: torch.Tensor, text: torch.Tensor | None
         raise FlowError(f"verification levels must lie in (0, 1), got {list(levels)}")
     if condition.shape[0] != batch or (text is not None and text.shape[0] != batch) or len(seeds) != batch:
         raise FlowError("latents, text, condition and seeds must have one row per candidate")
-    noise = RandomSource(batch, seeds=seeds).randn((batch, len(levels), *latents.shape[1:]), device=latents.device)
     losses = torch.zeros(batch, device=latents.device)
     for start in range(0, batch, batch_size):
         rows = slice(start, start + batch_size)
         x = latents[rows].float()
         n = x.shape[0]
+        # Each row draws from its own seed, so drawing chunk by chunk gives the same noise as one
+        # draw for all rows, without holding all of it at once.
+        noise = RandomSource(n, seeds=list(seeds[rows])).randn((n, len(levels), *x.shape[1:]), device=x.device)
         text_t = None if text is None else torch.zeros(n, device=x.device)
         for j, s in enumerate(levels):
-            eps = noise[rows, j]
+            eps = noise[:, j]
             noisy = (1.0 - s) * x + s * eps
             t = noise_level_to_timestep(torch.full((n,), float(s), device=x.device))
             velocity, _ = model(noisy, None if text is None else text[rows], t, text_t, condition[rows])
