@@ -93,18 +93,12 @@ def train_step_fn(model, is_ours: bool, batch, bf16: bool = False):
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = forward()
-        return finish(out)  # loss in fp32, backward outside autocast (as the trainer does)
-
-    def forward():
-        if is_ours:
-            out = model(video, None, timestep, None, condition)[0]
-        else:
-            out = model(hidden_states=video, timestep=timestep, encoder_hidden_states=condition,
-                        return_dict=False)[0]
-        return out
-
-    def finish(out):
+            if is_ours:
+                out = model(video, None, timestep, None, condition)[0]
+            else:
+                out = model(hidden_states=video, timestep=timestep, encoder_hidden_states=condition,
+                            return_dict=False)[0]
+        # loss in fp32, backward outside autocast (as the trainer does)
         loss = torch.nn.functional.mse_loss(out.float(), target)
         loss.backward()
         optimizer.step()
