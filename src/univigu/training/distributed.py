@@ -171,7 +171,11 @@ def distributed_context(device: str | torch.device = "cpu", timeout_minutes: flo
                                 device_id=device if device.type == "cuda" else None)
     try:
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
-        yield DistributedContext(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
+        ctx = DistributedContext(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
+        yield ctx
+        # Leave together: a rank that tears gloo down while a peer is still busy (rank 0 exporting)
+        # can abort at exit. Only on success; after an error torchrun stops the other ranks.
+        ctx.barrier()
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
