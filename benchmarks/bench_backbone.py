@@ -24,11 +24,17 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import sys
+
 import torch
 
-from univigu.config import TransformerConfig
-from univigu.models.convert import config_to_diffusers
-from univigu.models.transformer import UniViGUTransformer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))  # a GPU machine without the package installed
+from common import forward_flops, training_step_flops  # noqa: E402
+
+from univigu.config import TransformerConfig  # noqa: E402
+from univigu.models.convert import config_to_diffusers  # noqa: E402
+from univigu.models.transformer import UniViGUTransformer  # noqa: E402
 
 # name -> (diffusers/our config fields, latent (C, F, H, W), batch, condition length)
 CASES = {
@@ -39,7 +45,12 @@ CASES = {
     # One block of Wan2.1-T2V-1.3B (12 heads x 128, FFN 8960, UMT5 width 4096), few tokens.
     "wan1.3b_block": (dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
                            text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=1), (16, 1, 16, 16), 2, 64),
+    # The whole Wan2.1-T2V-1.3B backbone at a real size: 9 frames of 480x832 (4680 video tokens) and
+    # a 512-token UMT5 prompt. A GPU case: not in the CPU default.
+    "wan1.3b": (dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                     text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30), (16, 3, 60, 104), 1, 512),
 }
+GPU_ONLY_CASES = ("wan1.3b",)
 
 
 def build_pair(fields: dict, device: torch.device, seed: int = 0):
@@ -49,14 +60,15 @@ def build_pair(fields: dict, device: torch.device, seed: int = 0):
     config = TransformerConfig(**fields)
     diffusers_fields = {k: v for k, v in config_to_diffusers(config).items() if not k.startswith("_")}
     torch.manual_seed(seed)
-    reference = WanTransformer3DModel(**diffusers_fields)
+    with device:  # built where they run: a 1.3B model's initialisation takes minutes on a CPU
+        reference = WanTransformer3DModel(**diffusers_fields)
+        ours = UniViGUTransformer(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # random everywhere (the zero-init head would make the output trivial)
         for param in reference.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-    ours = UniViGUTransformer(config)
     ours.load_state_dict(reference.state_dict(), strict=True)
-    return ours.to(device), reference.to(device)
+    return ours, reference
 
 
 def make_inputs(config: TransformerConfig, latent, batch, condition_length, device, seed=1):
@@ -128,8 +140,12 @@ def bench_case(name, device, precisions, modes, warmup, repeats, clock):
                         times[who].append(cpu if clock == "cpu" else wall)
                         other[who].append(wall if clock == "cpu" else cpu)
             ours_s, diff_s = statistics.median(times["ours"]), statistics.median(times["diffusers"])
+            flops = (training_step_flops if backward else forward_flops)(ours.config, batch, tokens, 0,
+                                                                          condition_length)
             row = dict(case=name, precision=precision, mode=mode, batch=batch, video_tokens=tokens,
                        ours_s=ours_s, diffusers_s=diff_s, ratio=ours_s / diff_s, output_rel_diff=rel_diff,
+                       model_flops=flops, ours_tflop_per_s=flops / ours_s / 1e12,
+                       diffusers_tflop_per_s=flops / diff_s / 1e12,
                        clock=clock, ours_all_s=times["ours"], diffusers_all_s=times["diffusers"],
                        other_clock_ours_s=statistics.median(other["ours"]),
                        other_clock_diffusers_s=statistics.median(other["diffusers"]))
@@ -142,7 +158,8 @@ def bench_case(name, device, precisions, modes, warmup, repeats, clock):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (5 timed, 1 warm-up)")
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=None, choices=list(CASES),
+                        help=f"default: all on a GPU, all but {', '.join(GPU_ONLY_CASES)} on a CPU")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--modes", nargs="+", default=["forward", "forward_backward"],
                         choices=["forward", "forward_backward"])
@@ -165,11 +182,12 @@ def main(argv=None):
     if threads:
         torch.set_num_threads(threads)
     clock = args.clock or ("cpu" if device.type == "cpu" else "wall")
+    cases = args.cases or [name for name in CASES if device.type == "cuda" or name not in GPU_ONLY_CASES]
 
     import diffusers
 
     rows = []
-    for name in args.cases:
+    for name in cases:
         rows += bench_case(name, device, args.precisions, args.modes, warmup, repeats, clock)
     result = {
         "benchmark": "video backbone: univigu UniViGUTransformer (vocab_size=0) vs diffusers WanTransformer3DModel",
@@ -178,7 +196,7 @@ def main(argv=None):
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "clock": clock,
         "repeats": repeats, "warmup": warmup,
         "cases": {name: dict(config=CASES[name][0], latent=CASES[name][1], batch=CASES[name][2],
-                             condition_length=CASES[name][3]) for name in args.cases},
+                             condition_length=CASES[name][3]) for name in cases},
         "results": rows,
     }
     out = Path(args.out)

@@ -10,6 +10,8 @@ the same run.
 
     benchmarks/gpu_check.sh                 # on a GPU machine (< 5 minutes)
     benchmarks/gpu_check.sh --dry-run       # tiny sizes, runs on a CPU: checks the script works
+    benchmarks/gpu_check.sh --compile       # the same step with the model under torch.compile
+    benchmarks/gpu_check.sh --profile       # also the kernels that take the step's time
 """
 
 from __future__ import annotations
@@ -77,6 +79,24 @@ def train_step(model, batch, dtype):
     return loss.detach()
 
 
+def profile_step(step, device, top: int = 25) -> list[dict]:
+    """The operators that take one step's device time (self time, most first)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events)
+    rows = [dict(op=e.key, calls=e.count, self_ms=getattr(e, attr) / 1e3, share=getattr(e, attr) / total)
+            for e in events[:top]]
+    for row in rows:
+        print(f"  {row['self_ms']:9.2f} ms {100 * row['share']:5.1f}%  x{row['calls']:<5d} {row['op'][:90]}")
+    return rows
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -103,6 +123,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--latent", type=int, nargs=4, default=None, metavar=("C", "F", "H", "W"))
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (overrides the table)")
+    parser.add_argument("--compile", action="store_true", help="run the model under torch.compile")
+    parser.add_argument("--profile", action="store_true", help="profile one step: where the time goes")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop timing steps after this many seconds")
     parser.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = parser.parse_args(argv)
@@ -123,6 +145,7 @@ def main(argv=None):
         torch.manual_seed(0)
         model = UniViGUTransformer(config)
     model.train()
+    step_model = torch.compile(model) if args.compile else model
     n_params = sum(p.numel() for p in model.parameters())
     batch = make_batch(config, latent, args.batch, condition_length, device)
     n_video = (latent[1] // config.patch_size[0]) * (latent[2] // config.patch_size[1]) * (latent[3] // config.patch_size[2])
@@ -132,14 +155,14 @@ def main(argv=None):
     checkpointing = False
     try:
         for _ in range(args.warmup):
-            train_step(model, batch, dtype)
+            train_step(step_model, batch, dtype)
         sync(device)
     except torch.OutOfMemoryError:  # fall back to recomputing activations (model FLOPs unchanged)
         torch.cuda.empty_cache()
         checkpointing = True
         model.enable_gradient_checkpointing()
         for _ in range(args.warmup):
-            train_step(model, batch, dtype)
+            train_step(step_model, batch, dtype)
         sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -148,12 +171,13 @@ def main(argv=None):
     for _ in range(args.steps):
         sync(device)
         start = time.perf_counter()
-        loss = train_step(model, batch, dtype)
+        loss = train_step(step_model, batch, dtype)
         sync(device)
         times.append(time.perf_counter() - start)
         if time.perf_counter() - began > args.budget_s:
             break
     step_s = median(times)
+    profile = profile_step(lambda: train_step(step_model, batch, dtype), device) if args.profile else None
     achieved = flops / step_s
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_info()["cpu"]
@@ -169,6 +193,7 @@ def main(argv=None):
                   "video_tokens": n_video, "text_tokens": n_text, "condition_length": condition_length},
         "precision": "bf16 autocast, fp32 weights",
         "gradient_checkpointing": checkpointing,
+        "compiled": args.compile,
         "training_step_flops": flops,
         "step_s": step_s,
         "all_step_s": times,
@@ -183,6 +208,7 @@ def main(argv=None):
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "wall_s": time.perf_counter() - began,
         "load_average": load_average(),
+        "profile": profile,
     }
     mfu = f"{100 * result['mfu']:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else "n/a (no known peak)"
     print(f"{name}: step {step_s * 1e3:.1f} ms ({len(times)} timed), {achieved / 1e12:.3g} TFLOP/s, MFU {mfu}, "
