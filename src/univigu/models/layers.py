@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
+
 
 # The norms need no autocast-disabled region: autocast never lowers layer_norm / rms_norm, so fp32
 # inputs and weights keep them in fp32 (and entering a disabled region costs more than the norm
@@ -238,9 +240,7 @@ class WanAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         """SDPA over [B, L, H, D] tensors; mask [B, 1, Lq, Lk] bool (True = may attend)."""
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype), attn_mask=mask
-        )
+        out = attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype), mask)
         out = out.transpose(1, 2).flatten(2)
         return self.to_out[1](self.to_out[0](out))
 

@@ -1,0 +1,80 @@
+"""Scaled dot-product attention, with an explicit backward where torch's CPU kernel is slow.
+
+On a CPU, torch's fused flash attention runs its bf16 *backward* slowly over few keys: for 320
+queries over 32 prompt keys (the small benchmark model's cross-attention) it took 15 ms on two
+threads where plain matrix products take 4 ms; from about 128 keys on the two are even, and past
+512 flash wins. So when gradients are wanted, on a CPU, in bf16, over at most 128 keys, the forward
+still runs torch's SDPA (same output, no scores kept) and the backward recomputes the scores and
+takes the gradients with matrix products: scores and softmax in fp32, the four products of the
+backward in bf16 with fp32 accumulation, as flash kernels do. Everywhere else (GPUs, fp32, long key
+sequences, no gradients) this is `F.scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+#: Most keys for which the explicit backward is taken (see above).
+EXPLICIT_BACKWARD_MAX_KEYS = 128
+#: Largest score matrix (batch x heads x queries x keys) the explicit backward builds: 64 MiB in fp32.
+EXPLICIT_BACKWARD_MAX_SCORES = 1 << 24
+
+
+def explicit_backward_pays(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether `attention` takes the explicit backward for these inputs."""
+    wants_grad = any(t is not None and t.requires_grad for t in (q, k, v, mask))
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and wants_grad
+            and not torch.compiler.is_compiling() and k.shape[2] <= EXPLICIT_BACKWARD_MAX_KEYS
+            and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= EXPLICIT_BACKWARD_MAX_SCORES)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA over q [B, H, L, D], k and v [B, H, S, D]; mask broadcast to [B, H, L, S]: bool (True =
+    may attend) or an additive float bias (which may be learned). The output is SDPA's, whichever
+    backward is used."""
+    if explicit_backward_pays(q, k, v, mask):
+        return _SDPAWithExplicitBackward.apply(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or wider if it already is (fp64 keeps the backward exact enough for gradcheck)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) in fp32 (or wider)."""
+    scores = torch.matmul(_wide(q) * (1.0 / math.sqrt(q.shape[-1])), _wide(k).transpose(-1, -2))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(dim=-1)
+
+
+class _SDPAWithExplicitBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        ctx.save_for_backward(q, k, v, mask, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask, out = ctx.saved_tensors
+        probs = _probabilities(q, k, mask)  # [B, H, L, S] fp32
+        grad_out = grad_out.to(v.dtype)
+        grad_v = torch.matmul(probs.to(v.dtype).transpose(-1, -2), grad_out)
+        grad_probs = _wide(torch.matmul(grad_out, v.transpose(-1, -2)))
+        # Softmax backward: dS = P * (dP - rowsum(dO * O)), the row sum being rowsum(P * dP).
+        row = (_wide(grad_out) * _wide(out)).sum(dim=-1, keepdim=True)
+        grad_logits = probs.mul_(grad_probs.sub_(row))  # d loss / d (scores + mask), fp32
+        grad_mask = None
+        if ctx.needs_input_grad[3]:  # a learned bias: summed over the dimensions it was broadcast along
+            grad_mask = grad_logits.sum_to_size(mask.shape).to(mask.dtype)
+        grad_scores = grad_logits.to(q.dtype)
+        scale = 1.0 / math.sqrt(q.shape[-1])  # applied to the [L, D] products, not the [L, S] scores
+        grad_q = torch.matmul(grad_scores, k).mul_(scale)
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q).mul_(scale)
+        return grad_q, grad_k, grad_v, grad_mask
