@@ -17,9 +17,12 @@ the step and the peak matmul in fp32; `--precision bf16` runs the step under bf1
 weights, as a training run does) against a bf16 matmul: the issue's own measure, meaningful only
 where bf16 is native. One bf16 matmul is timed against fp32 to record whether it is (on an
 AVX2-only CPU bf16 is emulated and far slower, so a bf16 efficiency would say nothing).
+`--compile` compiles every transformer block of both models in place (`train.compile` in our
+trainer; torchtitan's per-block compile), after which the first steps are warm-up.
 
     python benchmarks/bench_mfu.py                  # fp32, median of 7 after 2 warm-ups
     python benchmarks/bench_mfu.py --precision bf16 --out benchmarks/results/mfu_bf16.json
+    python benchmarks/bench_mfu.py --precision bf16 --compile --out benchmarks/results/mfu_bf16_compiled.json
     python benchmarks/bench_mfu.py --profile        # also where ours spends a step (top ops)
 Writes benchmarks/results/mfu.json.
 """
@@ -147,6 +150,7 @@ def main(argv=None):
     parser.add_argument("--no-bf16-check", action="store_true", help="skip timing one bf16 matmul against fp32")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="the step (bf16: autocast) and the peak matmul's dtype (default fp32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block of both models")
     parser.add_argument("--profile", action="store_true", help="profile one step of each model")
     parser.add_argument("--out", default=str(RESULTS_DIR / "mfu.json"))
     args = parser.parse_args(argv)
@@ -157,6 +161,9 @@ def main(argv=None):
     load_before = load_average()
 
     ours, reference = build_pair()
+    if args.compile:
+        for block in [*ours.blocks, *reference.blocks]:
+            block.compile()
     config = ours.config
     batch = make_batch(config)
     n_video = LATENT[1] * (LATENT[2] // 2) * (LATENT[3] // 2)
@@ -205,6 +212,7 @@ def main(argv=None):
         "description": f"training step (forward + MSE + backward + AdamW) FLOP/s over {args.precision} "
                        "square-matmul FLOP/s measured in the same run; ours vs diffusers WanTransformer3DModel",
         "precision": args.precision,
+        "compiled_blocks": args.compile,
         "target": "ours >= 0.35 (stretch 0.40); diffusers ~0.28 on the AVX-512 machine that set it",
         "config": {**SMALL, "latent": list(LATENT), "batch": BATCH, "condition_length": CONDITION_LENGTH,
                    "video_tokens": n_video},

@@ -108,3 +108,18 @@ def test_a_bf16_training_step_of_the_backbone_gets_the_same_gradients_either_way
     for name, grad in flash.items():
         rel = float((explicit[name] - grad).norm() / grad.norm().clamp_min(1e-12))
         assert rel < 0.05, (name, rel)
+
+
+def test_compiled_code_takes_the_explicit_backward_at_any_length_and_keeps_the_gradients():
+    keys = attention_module.EXPLICIT_BACKWARD_MAX_KEYS + 8
+    q, k, v = qkv(batch=1, heads=2, queries=16, keys=keys, dim=8, dtype=torch.bfloat16)
+    assert not explicit_backward_pays(q, k, v, None)  # eager: flash's backward over this many keys
+    takes = torch.compile(lambda q, k, v: q.new_tensor(explicit_backward_pays(q, k, v, None)), fullgraph=True)
+    assert bool(takes(q, k, v))  # compiled: inductor fuses the explicit backward, which then pays
+
+    grad_out = torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(4)).bfloat16()
+    compiled = torch.autograd.grad(torch.compile(attention, fullgraph=True)(q, k, v), (q, k, v), grad_out)
+    wide = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    exact = torch.autograd.grad(F.scaled_dot_product_attention(*wide), wide, grad_out.double())
+    for c, e in zip(compiled, exact):
+        assert float((c.double() - e).norm() / e.norm()) < 1e-2

@@ -244,6 +244,26 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, training_cache, 
         torch.testing.assert_close(weights_b[name], weights_a[name], rtol=0, atol=1e-5)
 
 
+def test_compiled_blocks_train_like_eager_ones(tmp_path, training_cache, tiny_generator):
+    """train.compile=true: the same losses and weights as eager (up to fused rounding), the same
+    parameter names in the checkpoint, and every block compiled."""
+    runs = {}
+    for name in ("eager", "compiled"):
+        trainer = Trainer(tiny_config(tmp_path / name, training_cache, "train.steps=2", "train.eval_samples=0",
+                                      f"train.compile={name == 'compiled'}", stage="knowledge_recall",
+                                      init_from=tiny_generator), progress=False)
+        runs[name] = ([trainer.train_step() for _ in range(2)], trainer.model.state_dict(), trainer.model)
+    (logs_a, weights_a, eager), (logs_b, weights_b, compiled) = runs["eager"], runs["compiled"]
+    assert all(block._compiled_call_impl is not None for block in compiled.blocks)
+    assert all(block._compiled_call_impl is None for block in eager.blocks)
+    assert list(weights_b) == list(weights_a)
+    for a, b in zip(logs_a, logs_b):
+        for key in ("loss", "video_loss", "text_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    for name in weights_a:
+        torch.testing.assert_close(weights_b[name], weights_a[name], rtol=0, atol=1e-4)
+
+
 def test_every_text_option_of_the_config_reaches_the_unified_model(tmp_path, training_cache, tiny_generator):
     from univigu.models.unify import TEXT_OPTIONS
 

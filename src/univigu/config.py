@@ -195,6 +195,9 @@ class TrainConfig:
     lr_scale_video: float = 1.0
     lr_scale_shared: float = 1.0
     gradient_checkpointing: bool = False
+    # torch.compile every transformer block (as torchtitan does): fuses the elementwise work around
+    # the matrix products. Each new token layout (task) costs a compile (~20 s on a CPU) the first time.
+    compile: bool = False
     mixture: TaskMixture = field(default_factory=TaskMixture)
     seed: int = 0
     log_every: int = 10

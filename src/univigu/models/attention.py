@@ -1,13 +1,15 @@
 """Scaled dot-product attention, with an explicit backward where torch's CPU kernel is slow.
 
-On a CPU, torch's fused flash attention runs its bf16 *backward* slowly over few keys: for 320
-queries over 32 prompt keys (the small benchmark model's cross-attention) it took 15 ms on two
-threads where plain matrix products take 4 ms; from about 128 keys on the two are even, and past
-512 flash wins. So when gradients are wanted, on a CPU, in bf16, over at most 128 keys, the forward
-still runs torch's SDPA (same output, no scores kept) and the backward recomputes the scores and
-takes the gradients with matrix products: scores and softmax in fp32, the four products of the
-backward in bf16 with fp32 accumulation, as flash kernels do. Everywhere else (GPUs, fp32, long key
-sequences, no gradients) this is `F.scaled_dot_product_attention`.
+On a CPU, torch's fused flash attention runs its bf16 *backward* slowly: for 320 queries over 32
+prompt keys (the small benchmark model's cross-attention) it took 15 ms on two threads where plain
+matrix products take 4 ms. So when gradients are wanted, on a CPU, in bf16, the forward still runs
+torch's SDPA (same output, no scores kept) and the backward recomputes the scores and takes the
+gradients with matrix products: scores and softmax in fp32, the four products of the backward in
+bf16 with fp32 accumulation, as flash kernels do. Run eagerly, its elementwise passes over the
+[L, S] scores cost as much as flash from about 128 keys on, so eager takes it up to 128 keys; under
+torch.compile inductor fuses those passes and it won at every length measured (up to 1024 keys:
+56 against 60 ms), so compiled code takes it wherever the scores fit `EXPLICIT_BACKWARD_MAX_SCORES`.
+Everywhere else (GPUs, fp32, no gradients) this is `F.scaled_dot_product_attention`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def explicit_backward_pays(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     """Whether `attention` takes the explicit backward for these inputs."""
     wants_grad = any(t is not None and t.requires_grad for t in (q, k, v, mask))
     return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and wants_grad
-            and not torch.compiler.is_compiling() and k.shape[2] <= EXPLICIT_BACKWARD_MAX_KEYS
+            and (k.shape[2] <= EXPLICIT_BACKWARD_MAX_KEYS or torch.compiler.is_compiling())
             and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= EXPLICIT_BACKWARD_MAX_SCORES)
 
 

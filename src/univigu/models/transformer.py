@@ -310,6 +310,11 @@ class UniViGUTransformer(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
 
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each block in place (parameter names and checkpoints are unchanged)."""
+        for block in self.blocks:
+            block.compile(**options)
+
     # ------------------------------------------------------------------ input checks
     def _check_timestep(self, t, batch: int, name: str) -> torch.Tensor:
         if t is None:

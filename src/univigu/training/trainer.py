@@ -130,6 +130,8 @@ class Trainer:
                                 f"{'video-only' if not self.model.has_text_stream else 'unified'} model")
         if t.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        if t.compile:  # before FSDP2 wraps the blocks, as torchtitan orders it
+            self.model.compile_blocks()
         self.val_source = self._load_validation_source()
         self.prompts, self.null_condition = self._load_prompts()
         self.video_path = RectifiedFlowPath()
