@@ -11,6 +11,7 @@ bf16 matmuls, so bf16 autocast there is several times slower than fp32 for both 
 
     python benchmarks/bench_backbone.py            # full run
     python benchmarks/bench_backbone.py --quick    # fewer repetitions
+    python benchmarks/bench_backbone.py --compile  # every block of both models under torch.compile
 Writes benchmarks/results/backbone_speed.json.
 """
 
@@ -107,9 +108,13 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def bench_case(name, device, precisions, modes, warmup, repeats, clock):
+def bench_case(name, device, precisions, modes, warmup, repeats, clock, compile_blocks=False):
     fields, latent, batch, condition_length = CASES[name]
     ours, reference = build_pair(fields, device)
+    if compile_blocks:  # in place, as train.compile does; the warm-up calls pay the compiles
+        torch._dynamo.reset()  # each case its own compile budget (8 recompiles per function by default)
+        for block in [*ours.blocks, *reference.blocks]:
+            block.compile()
     inputs = make_inputs(ours.config, latent, batch, condition_length, device)
     tokens = latent[1] * latent[2] * latent[3] // 4
     rows = []
@@ -165,6 +170,7 @@ def main(argv=None):
                         choices=["forward", "forward_backward"])
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (median of these)")
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block of both models")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 on CPU, so the CPU clock measures one core's work)")
@@ -188,13 +194,13 @@ def main(argv=None):
 
     rows = []
     for name in cases:
-        rows += bench_case(name, device, args.precisions, args.modes, warmup, repeats, clock)
+        rows += bench_case(name, device, args.precisions, args.modes, warmup, repeats, clock, args.compile)
     result = {
         "benchmark": "video backbone: univigu UniViGUTransformer (vocab_size=0) vs diffusers WanTransformer3DModel",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "clock": clock,
-        "repeats": repeats, "warmup": warmup,
+        "repeats": repeats, "warmup": warmup, "compiled_blocks": args.compile,
         "cases": {name: dict(config=CASES[name][0], latent=CASES[name][1], batch=CASES[name][2],
                              condition_length=CASES[name][3]) for name in cases},
         "results": rows,

@@ -146,8 +146,9 @@ class Trainer:
         # A V2T sample's text reads a clean video. When nothing that video's own pass touches is
         # trained (text-only training under clean_isolated), the pass is the cached sampler's
         # prefill: it runs without autograd and only the text stream is differentiated (same
-        # outputs, less work). FSDP2 only gathers parameters inside forward, so not under torchrun.
-        self.reuse_clean_video = (distributed is None and self.model.has_text_stream
+        # outputs, less work). FSDP2 only gathers parameters inside forward, so not under torchrun;
+        # nor with compiled blocks, which would specialise on every cache layer and batch split.
+        self.reuse_clean_video = (distributed is None and not t.compile and self.model.has_text_stream
                                   and self.model.supports_cache("video") and not any(
                                       p.requires_grad for name, p in self.model.named_parameters()
                                       if self.model.parameter_group(name) != "text"))
