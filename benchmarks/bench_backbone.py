@@ -21,11 +21,10 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-
-import sys
 
 import torch
 
