@@ -8,6 +8,7 @@ EXAMPLE = """examples:
   univigu train --config configs/shapesworld-generator.yaml train.steps=200 train.output_dir=runs/gen
   univigu train --config CONFIG train.stage=knowledge_recall train.init_from=runs/gen/model train.output_dir=runs/kr
   torchrun --nproc_per_node=2 -m univigu train --config CONFIG   # FSDP2 + DCP (gloo on CPU, NCCL on GPU)
+  univigu train --config CONFIG train.compile=true   # torch.compile each block (the first steps compile)
 
 Outputs in train.output_dir: checkpoints/ (atomic; a rerun resumes from the newest), metrics.jsonl
 (+ TensorBoard scalars in tb/ when tensorboard is installed), best/ (by train.best_metric),
