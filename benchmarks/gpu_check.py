@@ -10,7 +10,8 @@ the same run.
 
     benchmarks/gpu_check.sh                 # on a GPU machine (< 5 minutes)
     benchmarks/gpu_check.sh --dry-run       # tiny sizes, runs on a CPU: checks the script works
-    benchmarks/gpu_check.sh --compile       # the same step with the model under torch.compile
+    benchmarks/gpu_check.sh --compile blocks   # every block compiled in place (what train.compile does)
+    benchmarks/gpu_check.sh --compile model    # the whole model under one torch.compile
     benchmarks/gpu_check.sh --profile       # also the kernels that take the step's time
 """
 
@@ -123,7 +124,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--latent", type=int, nargs=4, default=None, metavar=("C", "F", "H", "W"))
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (overrides the table)")
-    parser.add_argument("--compile", action="store_true", help="run the model under torch.compile")
+    parser.add_argument("--compile", choices=("blocks", "model"), default=None,
+                        help="torch.compile every block in place (as train.compile does) or the whole model")
     parser.add_argument("--profile", action="store_true", help="profile one step: where the time goes")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop timing steps after this many seconds")
     parser.add_argument("--out", default=None, help="JSON file (default: print only)")
@@ -145,7 +147,9 @@ def main(argv=None):
         torch.manual_seed(0)
         model = UniViGUTransformer(config)
     model.train()
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model) if args.compile == "model" else model
+    if args.compile == "blocks":
+        model.compile_blocks()
     n_params = sum(p.numel() for p in model.parameters())
     batch = make_batch(config, latent, args.batch, condition_length, device)
     n_video = (latent[1] // config.patch_size[0]) * (latent[2] // config.patch_size[1]) * (latent[3] // config.patch_size[2])
