@@ -250,16 +250,46 @@ def test_cli_runs_with_a_loaded_model(dataset, tmp_path, monkeypatch, capsys):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     model = Perfect(load_samples(_manifests(dataset), ["t2v"]))
-    monkeypatch.setattr(eval_cmd, "load_evaluatee", lambda ckpt, world: model)
+    loaded = {}
+
+    def load(ckpt, world, candidates):
+        loaded["candidates"] = candidates
+        return model
+
+    monkeypatch.setattr(eval_cmd, "load_evaluatee", load)
     manifests = sum((["--manifest", str(m)] for m in _manifests(dataset)), [])
     args = _parse(["eval", "--ckpt_dir", str(model_dir), *manifests, "--num", "2", "--tasks", "t2v,v2t",
-                   "--caption_backend", "python", "--no-progress"])
+                   "--caption_backend", "python", "--no-progress", "--candidates", "3"])
     assert args.func(args) == 0
+    assert loaded["candidates"] == 3
     metrics = json.loads((model_dir / "eval" / "metrics.json").read_text())
+    assert metrics["meta"]["caption_candidates"] == 3
     assert metrics["test"]["n"] == 2 and metrics["heldout"]["n"] == 2
     assert metrics["test"]["v2t.all_correct"] == 1.0 and "joint.all_correct" not in metrics["test"]
     printed = capsys.readouterr().out
     assert "t2v.all_correct" in printed and "report.html" in printed
+
+
+def test_pipeline_evaluatee_passes_the_candidate_count_to_the_pipeline():
+    class Pipeline:
+        def caption(self, video, candidates=None):
+            self.candidates = candidates
+            return ["a caption"] * len(video)
+
+    pipeline = Pipeline()
+    videos = [np.zeros((3, 8, 8, 3), dtype=np.uint8)] * 2
+    assert eval_cmd.PipelineEvaluatee(pipeline, WorldConfig(), candidates=5).caption(videos) == ["a caption"] * 2
+    assert pipeline.candidates == 5
+    eval_cmd.PipelineEvaluatee(pipeline, WorldConfig()).caption(videos)
+    assert pipeline.candidates is None  # the model's own sampler.json decides
+
+
+def test_bad_candidate_count_is_one_clear_error(dataset, tmp_path):
+    (tmp_path / "model").mkdir()
+    args = _parse(["eval", "--ckpt_dir", str(tmp_path / "model"), "--manifest", str(dataset / "test.jsonl"),
+                   "--candidates", "0"])
+    with pytest.raises(EvalError, match="--candidates must be at least 1, got 0"):
+        args.func(args)
 
 
 def test_missing_model_directory(dataset, tmp_path):

@@ -26,6 +26,7 @@ REQUIRED_FIELDS = {"t2v": ("prompt", "objects"), "v2t": ("video", "objects"), "j
 EPILOG = """\
 examples:
   univigu eval --ckpt_dir runs/unified --manifest data/shapes/test.jsonl --num 300
+  univigu eval --ckpt_dir runs/unified --manifest data/shapes/test.jsonl --tasks v2t --candidates 1
   univigu eval --ckpt_dir runs/unified --manifest data/held/test.jsonl \\
       --manifest data/held/heldout.jsonl --tasks t2v,v2t --out runs/unified/eval
 
@@ -355,10 +356,11 @@ def _texts(output: Any) -> list[str]:
 
 
 class PipelineEvaluatee:
-    """Adapts `univigu.pipeline.UniViGUPipeline` to `Evaluatee` at the world's size and length."""
+    """Adapts `univigu.pipeline.UniViGUPipeline` to `Evaluatee` at the world's size and length;
+    `candidates`: captions drawn per video for verification (None: the model's sampler.json)."""
 
-    def __init__(self, pipeline: Any, world: WorldConfig):
-        self.pipeline, self.world = pipeline, world
+    def __init__(self, pipeline: Any, world: WorldConfig, candidates: int | None = None):
+        self.pipeline, self.world, self.candidates = pipeline, world, candidates
 
     def generate(self, prompts: list[str], seed: int) -> list[np.ndarray]:
         w = self.world
@@ -370,7 +372,8 @@ class PipelineEvaluatee:
 
         from univigu.data.video_io import frames_to_tensor
 
-        return _texts(self.pipeline.caption(torch.stack([frames_to_tensor(v) for v in videos])))
+        return _texts(self.pipeline.caption(torch.stack([frames_to_tensor(v) for v in videos]),
+                                            candidates=self.candidates))
 
     def joint(self, prompts: list[str], seed: int) -> tuple[list[np.ndarray], list[str]]:
         w = self.world
@@ -378,7 +381,7 @@ class PipelineEvaluatee:
         return _to_uint8_videos(out), _texts(out)
 
 
-def load_evaluatee(ckpt_dir: str | Path, world: WorldConfig) -> Evaluatee:
+def load_evaluatee(ckpt_dir: str | Path, world: WorldConfig, candidates: int | None = None) -> Evaluatee:
     """A model directory -> Evaluatee through `UniViGUPipeline.from_pretrained` (imported lazily)."""
     path = Path(ckpt_dir)
     if not path.exists():
@@ -389,7 +392,7 @@ def load_evaluatee(ckpt_dir: str | Path, world: WorldConfig) -> Evaluatee:
         from univigu.pipeline import UniViGUPipeline
     except ImportError as err:
         raise EvalError(f"cannot load {path}: univigu.pipeline is not available ({err})") from None
-    return PipelineEvaluatee(UniViGUPipeline.from_pretrained(str(path)), world)
+    return PipelineEvaluatee(UniViGUPipeline.from_pretrained(str(path)), world, candidates)
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +420,9 @@ def register(subparsers) -> None:
     parser.add_argument("--batch_size", type=int, default=16, help="samples per model call (default %(default)s)")
     parser.add_argument("--caption_backend", default="auto", choices=("auto", "pycocoevalcap", "python"),
                         help="caption metric implementation (default: pycocoevalcap when Java is present)")
+    parser.add_argument("--candidates", type=int, default=None, metavar="K",
+                        help="V2T: captions drawn per video, the one the model's own video flow finds "
+                             "most likely kept (default: the model's caption_candidates)")
     parser.add_argument("--report_examples", type=int, default=12,
                         help="examples per task and split shown in report.html (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -428,16 +434,18 @@ def run_eval(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks)
     if args.num is not None and args.num < 1:
         raise EvalError(f"--num must be at least 1, got {args.num}")
+    if args.candidates is not None and args.candidates < 1:
+        raise EvalError(f"--candidates must be at least 1, got {args.candidates}")
     if not Path(args.ckpt_dir).exists():  # fail before reading any data
         raise EvalError(f"model directory not found: {args.ckpt_dir}")
     samples = load_samples(args.manifest, tasks, args.num)
     world = load_world(args.manifest, samples)
-    evaluatee = load_evaluatee(args.ckpt_dir, world)
+    evaluatee = load_evaluatee(args.ckpt_dir, world, args.candidates)
     out_dir = Path(args.out) if args.out else Path(args.ckpt_dir) / "eval"
     metrics = evaluate(evaluatee, samples, world, tasks, out_dir=out_dir, seed=args.seed,
                        batch_size=args.batch_size, caption_backend=args.caption_backend,
                        report_examples=args.report_examples, progress=not args.no_progress,
-                       meta={"ckpt_dir": str(args.ckpt_dir)})
+                       meta={"ckpt_dir": str(args.ckpt_dir), "caption_candidates": args.candidates})
     print(format_summary(metrics))
     print(f"report: {out_dir / 'report.html'}\nmetrics: {out_dir / 'metrics.json'}")
     return 0
