@@ -3,8 +3,9 @@
 For each ShapesWorld test video (the model's world, `make_samples(..., split="test")`) and each
 attribute (shape, motion, size, colour), the script writes one caption per value of the attribute
 (`caption_text` of the scene with that attribute changed, the rest as it is), scores every caption by
-`univigu.flow.verify.video_flow_loss` (the caption as the prompt and as the clean text stream, the
-same noise for every caption of a video) at each set of noise levels, and counts how often the
+`UniViGUPipeline.caption_flow_loss` (the pipeline's verification: the caption as the prompt and as
+the clean text stream, the same noise for every caption of a video) at each set of noise levels,
+and counts how often the
 true value has the lowest loss. Chance is one over the number of values.
 
     python benchmarks/bench_verify.py --model src/univigu/assets/generator --num 200 --threads 2
@@ -24,7 +25,6 @@ import torch
 from common import RESULTS_DIR, machine_info, write_json
 from univigu.data.shapesworld import COLOURS, MOTIONS, SHAPES, SIZES, caption_text, make_samples, render
 from univigu.data.video_io import frames_to_tensor
-from univigu.flow.verify import video_flow_loss
 from univigu.pipeline import UniViGUPipeline
 
 VALUES = {"shape": list(SHAPES), "motion": list(MOTIONS), "size": list(SIZES), "colour": list(COLOURS)}
@@ -65,15 +65,10 @@ def main(argv=None):
         k = len(pairs[0][0])
         texts = [c for captions, _ in pairs for c in captions]
         truth = torch.tensor([t for _, t in pairs])
-        stream = None
-        if pipe.has_text_stream:
-            stream = pipe.tokenizer.encode(texts, pipe.transformer.config.text_length, truncate=True)
-        condition = pipe.encode_prompts(texts)
         for levels in level_sets:
             start = time.perf_counter()
-            with torch.no_grad():
-                losses = video_flow_loss(pipe.transformer, latents.repeat_interleave(k, 0), stream, condition,
-                                         [i for i in range(args.num) for _ in range(k)], levels=levels)
+            losses = pipe.caption_flow_loss(latents.repeat_interleave(k, 0), texts,
+                                            [i for i in range(args.num) for _ in range(k)], levels=levels)
             accuracy = (losses.view(args.num, k).argmin(1) == truth).float().mean().item()
             row = {"attribute": attribute, "values": k, "levels": list(levels), "accuracy": accuracy,
                    "chance": 1 / k, "seconds": time.perf_counter() - start}

@@ -396,6 +396,20 @@ class UniViGUPipeline:
                                eos_id=self.tokenizer.eos_id, options=options, seeds=seeds,
                                skip_ids=self.tokenizer.special_ids)
 
+    def caption_flow_loss(self, latents: torch.Tensor, captions: Sequence[str], seeds: Sequence[int],
+                          levels: Sequence[float] | None = None) -> torch.Tensor:
+        """The model's text-to-video flow-matching loss [B] of each clean latent under its caption,
+        at `levels` (default sampler.json's verify_levels); rows with the same seed see the same
+        noise (flow/verify.py). Lower: the generator finds the caption more likely."""
+        stream = None
+        if self.has_text_stream:
+            # As in T2V, the clean text stream holds what the condition encodes.
+            stream = self.tokenizer.encode(list(captions), self.transformer.config.text_length, truncate=True)
+            stream = stream.to(self.device)
+        with torch.no_grad(), self._autocast():
+            return video_flow_loss(self.transformer, latents.to(self.device), stream, self.encode_prompts(captions),
+                                   seeds, levels=self.sampler.verify_levels if levels is None else levels)
+
     def _verify_captions(self, latents: torch.Tensor, seeds: list[int], texts: list[list[str]]) -> list[int]:
         """Per video, the index of its candidate caption with the lowest video flow loss; videos
         whose candidates all agree are not scored."""
@@ -405,16 +419,7 @@ class UniViGUPipeline:
         if not rows:
             return chosen
         owners = [i for i, _ in rows]
-        candidate_texts = [texts[i][j] for i, j in rows]
-        stream = None
-        if self.has_text_stream:
-            # As in T2V, the clean text stream holds what the condition encodes.
-            stream = self.tokenizer.encode(candidate_texts, self.transformer.config.text_length, truncate=True)
-            stream = stream.to(self.device)
-        with torch.no_grad(), self._autocast():
-            losses = video_flow_loss(self.transformer, latents[owners], stream,
-                                     self.encode_prompts(candidate_texts), [seeds[i] for i in owners],
-                                     levels=self.sampler.verify_levels)
+        losses = self.caption_flow_loss(latents[owners], [texts[i][j] for i, j in rows], [seeds[i] for i in owners])
         videos = sorted(set(owners))
         position = {v: n for n, v in enumerate(videos)}
         best = pick_lowest(losses.cpu(), [position[i] for i in owners], len(videos))
