@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))  # a GPU machine without the package installed
-from common import forward_flops, training_step_flops  # noqa: E402
+from common import compile_blocks, forward_flops, training_step_flops  # noqa: E402
 
 from univigu.config import TransformerConfig  # noqa: E402
 from univigu.models.convert import config_to_diffusers  # noqa: E402
@@ -107,13 +107,12 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def bench_case(name, device, precisions, modes, warmup, repeats, clock, compile_blocks=False):
+def bench_case(name, device, precisions, modes, warmup, repeats, clock, compiled=False):
     fields, latent, batch, condition_length = CASES[name]
     ours, reference = build_pair(fields, device)
-    if compile_blocks:  # in place, as train.compile does; the warm-up calls pay the compiles
+    if compiled:  # the warm-up calls pay the compiles
         torch._dynamo.reset()  # each case its own compile budget (8 recompiles per function by default)
-        for block in [*ours.blocks, *reference.blocks]:
-            block.compile()
+        compile_blocks(ours, reference)
     inputs = make_inputs(ours.config, latent, batch, condition_length, device)
     tokens = latent[1] * latent[2] * latent[3] // 4
     rows = []

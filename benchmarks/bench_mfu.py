@@ -35,6 +35,7 @@ import torch
 
 from common import (
     RESULTS_DIR,
+    compile_blocks,
     forward_flops,
     gemm_flops_per_s,
     load_average,
@@ -162,8 +163,7 @@ def main(argv=None):
 
     ours, reference = build_pair()
     if args.compile:
-        for block in [*ours.blocks, *reference.blocks]:
-            block.compile()
+        compile_blocks(ours, reference)
     config = ours.config
     batch = make_batch(config)
     n_video = LATENT[1] * (LATENT[2] // 2) * (LATENT[3] // 2)

@@ -136,6 +136,14 @@ def cache_speedup_bound(steps: int, n_video: int, n_text: int, f_video: float, f
 # ---------------------------------------------------------------------------------------------
 
 
+def compile_blocks(*models: torch.nn.Module) -> None:
+    """torch.compile every transformer block of each model in place (ours and diffusers' Wan both
+    keep them in `.blocks`), as `train.compile` does: the first calls after it pay the compiles."""
+    for model in models:
+        for block in model.blocks:
+            block.compile()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
