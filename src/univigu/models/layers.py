@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .rms_norm import rms_norm
 
 
 # The norms need no autocast-disabled region: autocast never lowers layer_norm / rms_norm, so fp32
@@ -32,8 +33,9 @@ class FP32RMSNorm(nn.RMSNorm):
     """RMSNorm over the full hidden size (across heads), in fp32, output in the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps)
-        return out.to(x.dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
+        return rms_norm(x.float(), weight, eps).to(x.dtype)
 
 
 def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
