@@ -15,6 +15,7 @@ from univigu.flow.samplers import (
     VideoSamplerOptions,
     decode_tokens,
     discrete_euler_step,
+    sample_categorical,
     sample_joint,
     sample_text,
     sample_video,
@@ -390,6 +391,17 @@ def test_confidence_sampler_commits_per_kappa_schedule_in_confidence_order():
         if len(committed) and len(still):
             assert committed.min() > still.max()
 
+
+
+def test_categorical_draws_invert_the_cdf_and_never_pick_an_id_without_mass():
+    # probs 0.1, 0.2, 0, 0.7, 0, 0: CDF 0.1, 0.3, 0.3, 1.0, 1.0, 1.0
+    probs = torch.tensor([0.1, 0.2, 0.0, 0.7, 0.0, 0.0], dtype=torch.float64)
+    log_probs = probs.log().expand(6, -1)
+    uniforms = torch.tensor([0.0, 0.05, 0.15, 0.29, 0.31, 0.999], dtype=torch.float64)
+    assert sample_categorical(log_probs, uniforms).tolist() == [0, 0, 1, 1, 3, 3]
+    # u on the very top of the CDF (rounding can do this) falls back to the last id with mass,
+    # not past the end nor onto the trailing zero-mass ids.
+    assert sample_categorical(log_probs[:2], torch.ones(2, dtype=torch.float64)).tolist() == [3, 3]
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_temperature_rescales_the_posterior(temperature):

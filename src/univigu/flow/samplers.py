@@ -448,9 +448,13 @@ def _categorical(log_probs: torch.Tensor, uniforms: torch.Tensor,
     cdf = probs.cumsum(dim=-1)
     u = uniforms.to(device=cdf.device, dtype=torch.float64) * cdf[..., -1]
     idx = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
-    # Rounding can put u on the top of the CDF; fall back to the last id with mass.
-    last_with_mass = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(dim=-1)
-    return torch.minimum(idx, last_with_mass), probs
+    # Rounding can put u on the top of the CDF (idx past the end); fall back to the last id with
+    # mass. Any other idx has mass (the CDF rises there), so the fallback is looked up only then.
+    past_end = idx == probs.shape[-1]
+    if past_end.any():
+        last_with_mass = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(dim=-1)
+        idx = torch.where(past_end, last_with_mass, idx)
+    return idx, probs
 
 
 def sample_categorical(log_probs: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
