@@ -54,3 +54,16 @@ def test_fp32_norm_module_keeps_the_input_dtype_and_learns():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert x.grad is not None and x.grad.dtype == torch.bfloat16 and norm.weight.grad is not None
+
+
+def test_backward_inside_autocast_stays_fp32():
+    """A backward run inside a bf16 autocast region gives the same gradients as outside it."""
+    x = torch.randn(4, 64, requires_grad=True)
+    w = torch.randn(64, requires_grad=True)
+    grads = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=enabled):
+            rms_norm(x, w, 1e-6).square().sum().backward()
+        grads.append((x.grad.clone(), w.grad.clone()))
+        x.grad = w.grad = None
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -47,10 +47,12 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_hat, inverse_rms, weight = ctx.saved_tensors
         grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_scaled = grad_out * weight
-            mean_dot = torch.linalg.vecdot(grad_scaled, x_hat, dim=-1).unsqueeze(-1).div_(x_hat.shape[-1])
-            grad_x = grad_scaled.addcmul_(x_hat, mean_dot, value=-1).mul_(inverse_rms)
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad_out * x_hat).flatten(0, -2).sum(dim=0)
+        # A backward called inside autocast would run vecdot in bf16; it stays fp32 here.
+        with torch.autocast("cpu", enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_scaled = grad_out * weight
+                mean_dot = torch.linalg.vecdot(grad_scaled, x_hat, dim=-1).unsqueeze(-1).div_(x_hat.shape[-1])
+                grad_x = grad_scaled.addcmul_(x_hat, mean_dot, value=-1).mul_(inverse_rms)
+            if ctx.needs_input_grad[1]:
+                grad_weight = (grad_out * x_hat).flatten(0, -2).sum(dim=0)
         return grad_x, grad_weight, None
