@@ -163,7 +163,8 @@ class UniViGUBlock(nn.Module):
         mods = [(self.scale_shift_table + mod.float()).chunk(6, dim=1) for _, mod, _ in streams]
         sizes = [h.shape[1] for h, _, _ in streams]
 
-        normed = [(self.norm1(h) * (1 + m[1]) + m[0]).type_as(h) for (h, _, _), m in zip(streams, mods)]
+        # addcmul: the modulations and gated residuals in one pass each (mul then add is two).
+        normed = [torch.addcmul(m[0], self.norm1(h), 1 + m[1]).type_as(h) for (h, _, _), m in zip(streams, mods)]
         x = _cat_tokens(normed)
         q = self.attn1.project_q(x, rope, self._query_linear(normed, streams, self.attn1, "text_to_q1"))
         k, v = self.attn1.project_kv(x, rope)
@@ -173,7 +174,7 @@ class UniViGUBlock(nn.Module):
         elif prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=1), torch.cat([prefix_kv[1], v], dim=1)
         attn = self.attn1.attend(q, k, v, self._attention_mask(mask, video_text, q.dtype)).split(sizes, dim=1)
-        hidden = [(h.float() + a * m[2]).type_as(h) for (h, _, _), a, m in zip(streams, attn, mods)]
+        hidden = [torch.addcmul(h.float(), a, m[2]).type_as(h) for (h, _, _), a, m in zip(streams, attn, mods)]
 
         x = _cat_tokens(hidden)
         ck, cv = context_kv if context_kv is not None else self.attn2.project_kv(context)
@@ -185,8 +186,8 @@ class UniViGUBlock(nn.Module):
         out = []
         for h, (_, _, kind), m in zip(hidden, streams, mods):
             ffn = self.ffn if kind == "video" else self.text_ffn
-            y = ffn((self.norm3(h) * (1 + m[4]) + m[3]).type_as(h))
-            out.append((h.float() + y.float() * m[5]).type_as(h))
+            y = ffn(torch.addcmul(m[3], self.norm3(h), 1 + m[4]).type_as(h))
+            out.append(torch.addcmul(h.float(), y, m[5]).type_as(h))
         return out, new_kv
 
 
@@ -383,7 +384,7 @@ class UniViGUTransformer(nn.Module):
 
     def _video_head(self, hv, temb, grid, batch):
         shift, scale = (self.scale_shift_table + temb.float()[:, None]).chunk(2, dim=1)
-        x = self.proj_out((self.norm_out(hv) * (1 + scale) + shift).type_as(hv))
+        x = self.proj_out(torch.addcmul(shift, self.norm_out(hv), 1 + scale).type_as(hv))
         cfg = self.config
         pt, ph, pw = cfg.patch_size
         f, h, w = grid
@@ -401,7 +402,7 @@ class UniViGUTransformer(nn.Module):
     def _text_head(self, ht, temb):
         ts = self.text_stream
         shift, scale = (ts.scale_shift_table + temb.float()[:, None]).chunk(2, dim=1)
-        return ts.proj_out((ts.norm_out(ht) * (1 + scale) + shift).type_as(ht)).float()
+        return ts.proj_out(torch.addcmul(shift, ts.norm_out(ht), 1 + scale).type_as(ht)).float()
 
     def _run_blocks(self, streams, context, rope, mask, prefix=None, store: ModalityCache | None = None,
                     context_kv: list | None = None, video_text: torch.Tensor | None = None):
