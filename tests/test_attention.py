@@ -29,7 +29,10 @@ def some_blocked(queries=7, keys=5, seed=1):
 
 
 @pytest.mark.parametrize("kind", ["none", "bool", "learned_bias"])
-def test_explicit_backward_passes_gradcheck(kind):
+@pytest.mark.parametrize("piece_scores", [35, 70, None], ids=["a_head_per_piece", "a_sample_per_piece", "one_piece"])
+def test_explicit_backward_passes_gradcheck(kind, piece_scores, monkeypatch):
+    if piece_scores is not None:  # 7 queries x 5 keys = 35 scores per head, 2 heads per sample
+        monkeypatch.setattr(attention_module, "EXPLICIT_BACKWARD_CHUNK_SCORES", piece_scores)
     q, k, v = qkv()
     if kind == "none":
         mask = None
