@@ -152,8 +152,11 @@ class Trainer:
                                   and self.model.supports_cache("video") and not any(
                                       p.requires_grad for name, p in self.model.named_parameters()
                                       if self.model.parameter_group(name) != "text"))
+        # fused: one kernel over all parameters, where the default runs a dozen small ops per
+        # parameter (the small benchmark model, 2 CPU threads: 7.6 against 19 ms per step).
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=t.lr, betas=tuple(t.betas),
-                                           weight_decay=t.weight_decay)
+                                           weight_decay=t.weight_decay,
+                                           fused=self.device.type in ("cpu", "cuda"))
         # EMA in fp32, sharded like the model under FSDP2 (DTensors); frozen entries never change.
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         self.validator = self._build_validator() if self.rank0 else None
