@@ -1,6 +1,6 @@
 """Hardware efficiency of a training step: achieved FLOP/s over the GEMM FLOP/s of this machine.
 
-A training step is forward + MSE loss + backward + AdamW step of the video backbone at the
+A training step is forward + MSE loss + backward + (fused) AdamW step of the video backbone at the
 "small" config (hidden 256 = 4 heads x 64, 6 layers, FFN 1024, latent 16 x 5 x 16 x 16 with patch
 1x2x2 = 320 video tokens, batch 8, 32 prompt tokens). Its FLOPs are the analytic model FLOPs
 (`common.training_step_flops`: 3x the forward less unneeded input gradients; checked against
@@ -93,7 +93,7 @@ def train_step_fn(model, is_ours: bool, batch, bf16: bool = False):
     """One training step (forward, MSE, backward, AdamW) as a closure; bf16 autocasts the forward."""
     video, target, timestep, condition = batch
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # as the trainer's, for both
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
