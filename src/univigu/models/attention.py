@@ -92,19 +92,23 @@ class _SDPAWithExplicitBackward(torch.autograd.Function):
         q, k, v, mask, out = ctx.saved_tensors
         grad_out = grad_out.to(v.dtype)
         wants_mask = ctx.needs_input_grad[3]
-        if mask is not None and mask.dim() < 4:  # broadcast like SDPA: leading dimensions of size 1
-            mask = mask.view(*([1] * (4 - mask.dim())), *mask.shape)
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        grad_mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device) if wants_mask else None
+        pieces = list(_head_groups(q, k))
+        if len(pieces) == 1:  # all at once, straight into the returned gradients
+            grad_q, grad_k, grad_v, grad_logits = _backward_piece(q, k, v, out, grad_out, mask)
+            # a learned bias: summed over the dimensions it was broadcast along
+            grad_mask = grad_logits.sum_to_size(mask.shape).to(mask.dtype) if wants_mask else None
+            return grad_q, grad_k, grad_v, grad_mask
         # Piece by piece, so each piece's [L, S] scores stay in cache across the passes over them.
-        for b, h in _head_groups(q, k):
-            piece_mask = None if mask is None else _piece(mask, b, h)
+        mask4 = None if mask is None else mask.view(*([1] * (4 - mask.dim())), *mask.shape)  # as SDPA broadcasts
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        grad_mask4 = torch.zeros(mask4.shape, dtype=torch.float32, device=mask.device) if wants_mask else None
+        for b, h in pieces:
+            piece_mask = None if mask4 is None else _piece(mask4, b, h)
             dq, dk, dv, dlogits = _backward_piece(q[b, h], k[b, h], v[b, h], out[b, h], grad_out[b, h], piece_mask)
             grad_q[b, h], grad_k[b, h], grad_v[b, h] = dq, dk, dv
-            if wants_mask:  # a learned bias: summed over the dimensions it was broadcast along
-                _piece(grad_mask, b, h).add_(dlogits.sum_to_size(piece_mask.shape))
-        if wants_mask:
-            grad_mask = grad_mask.to(mask.dtype).view(ctx.saved_tensors[3].shape)
+            if wants_mask:
+                _piece(grad_mask4, b, h).add_(dlogits.sum_to_size(piece_mask.shape))
+        grad_mask = grad_mask4.to(mask.dtype).view(mask.shape) if wants_mask else None
         return grad_q, grad_k, grad_v, grad_mask
 
 
