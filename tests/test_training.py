@@ -182,6 +182,35 @@ def test_resume_is_exact_and_ignores_a_half_written_checkpoint(tmp_path, trainin
             assert torch.equal(oa["state"][name][key], ob["state"][name][key]), (name, key)
 
 
+def test_logged_rate_counts_the_training_steps_since_the_last_line_only(tmp_path, training_cache, monkeypatch):
+    """steps_per_s is over the steps since the previous log line, timed alone: on a clock where a
+    training step takes 1 s and an evaluation 100 s, every line reads exactly 1 step/s."""
+    import types
+
+    from univigu.training import trainer as trainer_module
+
+    clock = {"now": 0.0}
+
+    def perf_counter():
+        clock["now"] += 1.0  # read before and after each step: 1 s per step
+        return clock["now"]
+
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    trainer = Trainer(tiny_config(tmp_path / "run", training_cache, "train.steps=6", "train.log_every=2",
+                                  "train.eval_every=3"), progress=False)
+    evaluate = trainer.evaluate
+
+    def slow_evaluate():
+        clock["now"] += 100.0
+        return evaluate()
+
+    monkeypatch.setattr(trainer, "evaluate", slow_evaluate)
+    trainer.run()
+    rates = [(r["step"], r["steps_per_s"]) for r in _train_records(tmp_path / "run" / "metrics.jsonl")]
+    assert rates == [(2, 1.0), (4, 1.0), (6, 1.0)]
+    assert clock["now"] >= 200  # the evaluations (at step 3 and the final one) did advance the clock
+
+
 def test_checkpoint_write_killed_half_way_keeps_the_previous_one(tmp_path, monkeypatch):
     run_dir = tmp_path / "checkpoints"
     first = {"w": torch.arange(6.0).view(2, 3)}

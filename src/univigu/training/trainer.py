@@ -560,19 +560,23 @@ class Trainer:
             save_config(self.cfg, self.out / "config.yaml")
         self.logger = RunLogger(self.out, enabled=self.rank0, tensorboard=t.tensorboard)
         bar = tqdm(total=t.steps, initial=self.step, desc=f"train {t.stage}", disable=not self.progress)
-        start, start_step = time.time(), self.step
+        # The rate is over the training steps since the last log line, their own time only: not
+        # evaluation, checkpoints or samples, nor what came before (compiling, a resumed run).
+        window_steps, window_seconds = 0, 0.0
         try:
             while self.step < t.steps:
+                began = time.perf_counter()
                 logs = self.train_step()
+                window_steps, window_seconds = window_steps + 1, window_seconds + time.perf_counter() - began
                 bar.update(1)
-                elapsed = max(1e-9, time.time() - start)
-                logs["steps_per_s"] = (self.step - start_step) / elapsed
+                logs["steps_per_s"] = window_steps / max(1e-9, window_seconds)
                 logs["samples_per_s"] = logs["steps_per_s"] * t.batch_size * t.grad_accum
                 last = self.step == t.steps
                 if self.step % t.log_every == 0 or last:
                     bar.set_postfix(video=f"{logs['video_loss']:.4f}", text=f"{logs['text_loss']:.3f}",
                                     sps=f"{logs['samples_per_s']:.1f}")
                     self.logger.log(self.step, logs)
+                    window_steps, window_seconds = 0, 0.0
                 if t.eval_every and self.step % t.eval_every == 0 and not last:
                     self.evaluate()
                 if t.sample_every and self.step % t.sample_every == 0 and not last:
