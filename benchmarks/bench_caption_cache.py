@@ -18,6 +18,7 @@ isolation mask; what the published model runs), with the same weights.
 
     python benchmarks/bench_caption_cache.py            # ratios 8, 32, 128 at batch 1 and 8
     python benchmarks/bench_caption_cache.py --quick    # fewer repetitions
+    python benchmarks/bench_caption_cache.py --model small --batches 1   # a real-size vocabulary
 Writes benchmarks/results/caption_cache.json.
 """
 
@@ -46,21 +47,30 @@ from univigu.flow.paths import MixtureTextPath
 from univigu.flow.samplers import TextSamplerOptions, sample_text
 from univigu.models.transformer import UniViGUTransformer
 
-TEXT_LENGTH = 16
-VOCAB = 1000
 EOS_ID = 2
 CONDITION_LENGTH = 24  # the ShapesWorld presets' prompt length
-# video:text ratio -> latent (C, F, H, W); patch 1x2x2 gives F * H/2 * W/2 video tokens.
-CASES = {8: (16, 2, 16, 16), 32: (16, 8, 16, 16), 128: (16, 8, 32, 32)}
-MODEL = dict(num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=4, in_channels=16,
-             out_channels=16, text_dim=384, vocab_size=VOCAB, text_length=TEXT_LENGTH,
-             attention_policy="clean_isolated")
+# Two model sizes, each with its text canvas and, per video:text ratio, a latent (C, F, H, W)
+# (patch 1x2x2 gives F * H/2 * W/2 video tokens):
+#   tiny: 4 x 32 heads, 4 layers, 1000 words, 16 text tokens (the first measured; a step is a few
+#         hundred small ops);
+#   small: the backbone benchmarks' small config (4 x 64 heads, 6 layers, FFN 1024) with the
+#         untrimmed 30522-word WordPiece vocabulary of the project's tokenizer and 32 text tokens,
+#         where reading out a text token costs as a real vocabulary makes it cost.
+SETUPS = {
+    "tiny": (dict(num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=4, in_channels=16,
+                  out_channels=16, text_dim=384, vocab_size=1000, text_length=16, attention_policy="clean_isolated"),
+             {8: (16, 2, 16, 16), 32: (16, 8, 16, 16), 128: (16, 8, 32, 32)}),
+    "small": (dict(num_attention_heads=4, attention_head_dim=64, ffn_dim=1024, num_layers=6, in_channels=16,
+                   out_channels=16, text_dim=384, vocab_size=30522, text_length=32, attention_policy="clean_isolated"),
+              {8: (16, 4, 16, 16), 32: (16, 4, 32, 32), 128: (16, 16, 32, 32)}),
+}
+RATIOS = (8, 32, 128)
 
 
-def build_model(seed: int = 0, **overrides) -> UniViGUTransformer:
+def build_model(fields: dict, seed: int = 0) -> UniViGUTransformer:
     """A random model whose every weight is non-zero (the zero-initialised heads would make every
     logit 0 and the comparison of the two paths empty)."""
-    model = UniViGUTransformer(TransformerConfig(**{**MODEL, **overrides})).eval()
+    model = UniViGUTransformer(TransformerConfig(**fields)).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
@@ -70,23 +80,25 @@ def build_model(seed: int = 0, **overrides) -> UniViGUTransformer:
     return model
 
 
-def make_inputs(latent, batch: int, seed: int = 1):
+def make_inputs(latent, batch: int, text_dim: int, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
     video = torch.randn(batch, *latent, generator=gen)
-    condition = torch.randn(batch, CONDITION_LENGTH, MODEL["text_dim"], generator=gen)
+    condition = torch.randn(batch, CONDITION_LENGTH, text_dim, generator=gen)
     return video, condition
 
 
 def caption(model, video, condition, path, steps, use_cache, seeds):
     options = TextSamplerOptions(steps=steps, sampler="confidence", use_cache=use_cache)
-    return sample_text(model, video, condition, path, TEXT_LENGTH, eos_id=EOS_ID, options=options, seeds=seeds)
+    return sample_text(model, video, condition, path, model.config.text_length, eos_id=EOS_ID, options=options,
+                       seeds=seeds)
 
 
 def component_times(model, video, condition, steps, repeats, clock: int):
     """Median seconds (clock 0: wall, 1: process CPU) of the model calls alone: prefill, one
     step_text, one joint forward; and the largest logit difference of step_text against forward."""
     batch = video.shape[0]
-    text = torch.randint(0, VOCAB + 1, (batch, TEXT_LENGTH), generator=torch.Generator().manual_seed(2))
+    cfg = model.config
+    text = torch.randint(0, cfg.vocab_size + 1, (batch, cfg.text_length), generator=torch.Generator().manual_seed(2))
     t_text = torch.full((batch,), 500.0)
     t_video = torch.zeros(batch)
     cache = model.prefill(clean="video", video=video, condition=condition)
@@ -103,17 +115,18 @@ def component_times(model, video, condition, steps, repeats, clock: int):
     return {k: median(v) for k, v in out.items()}, diff
 
 
-def bench_case(ratio: int, steps: int, batch: int, warmup: int, repeats: int, with_full: bool) -> dict:
-    latent = CASES[ratio]
-    model = build_model()
+def bench_case(setup: str, ratio: int, steps: int, batch: int, warmup: int, repeats: int, with_full: bool) -> dict:
+    fields, cases = SETUPS[setup]
+    latent = cases[ratio]
+    model = build_model(fields)
     full_model = None
     if with_full:  # same weights, published attention (no isolation mask, no cache)
         full_model = UniViGUTransformer(replace(model.config, attention_policy="full")).eval()
         full_model.load_state_dict(model.state_dict())
-    video, condition = make_inputs(latent, batch)
+    video, condition = make_inputs(latent, batch, fields["text_dim"])
     n_video = model.patch_embedding(video[:1]).flatten(2).shape[2]
-    n_text = TEXT_LENGTH
-    path = MixtureTextPath(vocab_size=VOCAB, source="mask", special_ids=(0, 1, EOS_ID))
+    n_text = fields["text_length"]
+    path = MixtureTextPath(vocab_size=fields["vocab_size"], source="mask", special_ids=(0, 1, EOS_ID))
     seeds = list(range(batch))
     runs = {"cached": lambda: caption(model, video, condition, path, steps, True, seeds),
             "recompute": lambda: caption(model, video, condition, path, steps, False, seeds)}
@@ -188,7 +201,10 @@ def bench_case(ratio: int, steps: int, batch: int, warmup: int, repeats: int, wi
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ratios", nargs="+", type=int, default=list(CASES), choices=list(CASES))
+    parser.add_argument("--model", choices=list(SETUPS), default="tiny",
+                        help="tiny: 4 x 32 heads, 4 layers, 1000 words, 16 text tokens; small: 4 x 64 heads, "
+                             "6 layers, 30522 words, 32 text tokens")
+    parser.add_argument("--ratios", nargs="+", type=int, default=list(RATIOS), choices=RATIOS)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8],
                         help="videos captioned at once: 1 = latency, 8 = throughput")
@@ -207,14 +223,14 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = load_average()
-    rows = [bench_case(r, args.steps, b, warmup, repeats, b in args.full_policy_batches)
+    rows = [bench_case(args.model, r, args.steps, b, warmup, repeats, b in args.full_policy_batches)
             for b in args.batches for r in args.ratios]
     payload = {
         "benchmark": "caption_cache",
         "description": "V2T with the clean-video cache vs recomputing the joint sequence every step, "
                        "same sampler, steps and seeds, clean_isolated policy; fp32",
         "target": "speedup >= 0.8 * bound at video:text ratios 8, 32, 128",
-        "model": {**MODEL, "condition_length": CONDITION_LENGTH},
+        "model": {"setup": args.model, **SETUPS[args.model][0], "condition_length": CONDITION_LENGTH},
         "sampler": {"sampler": "confidence", "steps": args.steps, "temperature": 1.0, "source": "mask"},
         "repeats": repeats, "warmup": warmup,
         "machine": machine_info(),

@@ -491,6 +491,27 @@ def test_text_sampler_rejects_bad_options():
         VideoSamplerOptions(solver="rk4")
 
 
+def test_nan_check_flags_exactly_the_outputs_that_hold_a_nan():
+    from univigu.flow.samplers import _has_nan
+
+    x = torch.randn(3, 7, 50)
+    assert not _has_nan(x)
+    x[1, 4, 17] = math.nan
+    assert _has_nan(x)
+    both_infinities = torch.randn(2, 9)
+    both_infinities[0, 1], both_infinities[1, 3] = math.inf, -math.inf  # their sum is NaN; no entry is
+    assert not _has_nan(both_infinities)
+    path = MixtureTextPath(VOCAB, "mask", SPECIALS)
+
+    def one_nan_logit(video, text, vt, tt, cond):
+        logits = torch.zeros(*text.shape, VOCAB)
+        logits[0, 0, 3] = math.nan
+        return None, logits
+
+    with pytest.raises(FlowError, match="NaN logits"):
+        sample_text(one_nan_logit, None, torch.zeros(2, 3, 4), path, 10, eos_id=EOS)
+
+
 def test_progress_bar_option_runs(capsys):
     path = MixtureTextPath(VOCAB, "mask", SPECIALS)
     out = sample_text(AnalyticModel(target=TARGET), None, torch.zeros(2, 3, 4), path, 10, eos_id=EOS,

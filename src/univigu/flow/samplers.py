@@ -268,6 +268,13 @@ class _Branch:
                      for t in (self.video, self.text, self.video_timestep, self.text_timestep, self.condition))
 
 
+def _has_nan(x: torch.Tensor) -> bool:
+    """Whether x holds a NaN. Its sum is NaN whenever it does (and where +inf meets -inf), so one
+    reduction clears the common case; the elementwise check, a pass that writes a bool per entry
+    (1.4 ms for 32 x 30522 logits on one CPU thread against 0.2), runs only to confirm."""
+    return bool(torch.isnan(x.sum())) and bool(torch.isnan(x).any())
+
+
 class _ModelCaller:
     """Calls the model, batches compatible guidance branches, counts calls and checks outputs."""
 
@@ -281,7 +288,7 @@ class _ModelCaller:
             if velocity is None or velocity.shape != branch.video.shape:
                 got = None if velocity is None else list(velocity.shape)
                 raise FlowError(f"model returned velocity {got}, expected {list(branch.video.shape)}")
-            if torch.isnan(velocity).any():
+            if _has_nan(velocity):
                 raise FlowError("model returned NaN velocity")
         if want_text:
             expected = (*branch.text.shape, self.vocab_size)
@@ -289,7 +296,7 @@ class _ModelCaller:
                 got = None if logits is None else list(logits.shape)
                 raise FlowError(f"model returned logits {got}, expected {list(expected)} "
                                 "(the vocabulary without the mask id)")
-            if torch.isnan(logits).any():
+            if _has_nan(logits):
                 raise FlowError("model returned NaN logits")
 
     def forward(self, branches: list[_Branch], want_video: bool, want_text: bool,
