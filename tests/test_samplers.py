@@ -13,6 +13,7 @@ from univigu.flow.samplers import (
     TextSamplerOptions,
     VideoODESolver,
     VideoSamplerOptions,
+    confidence_step,
     decode_tokens,
     discrete_euler_step,
     sample_categorical,
@@ -489,6 +490,50 @@ def test_text_sampler_rejects_bad_options():
         sample_video(lambda v, *a: (v[:, :, :1], None), (2, 1, 2, 2, 2), cond)
     with pytest.raises(FlowError, match="unknown video solver"):
         VideoSamplerOptions(solver="rk4")
+
+
+def _full_vocabulary_step(tokens, log_probs, rng, temperature, path, q=None, commit=None):
+    """Reference: draw a candidate at every position from its whole posterior, then keep the ones
+    the step takes (Euler: masked positions that jump; confidence: the most probable masked ones)."""
+    batch, length = tokens.shape
+    probs = torch.softmax(log_probs.double() / (temperature or 1.0), -1)
+    cdf = probs.cumsum(-1)
+    u = rng.rand((batch, length)).double().unsqueeze(-1) * cdf[..., -1:]
+    drawn = log_probs.argmax(-1) if temperature == 0 else torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    masked = tokens == path.mask_id
+    if commit is None:
+        jump = masked & (rng.rand((batch, length)) < q)
+        return torch.where(jump, drawn, tokens)
+    confidence = torch.softmax(log_probs.double(), -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
+    confidence = torch.where(masked, confidence, -math.inf)
+    out = tokens.clone()
+    for b in range(batch):  # the commit[b] most confident masked positions, leftmost first on ties
+        order = sorted(range(length), key=lambda i: (-confidence[b, i].item(), i))[: int(commit[b])]
+        for i in order:
+            if masked[b, i]:
+                out[b, i] = drawn[b, i]
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_steps_draw_only_where_tokens_can_change_and_match_drawing_everywhere(temperature):
+    path = MixtureTextPath(VOCAB, "mask", SPECIALS)
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, VOCAB, (3, 12), generator=gen)
+    tokens[torch.rand(3, 12, generator=gen) < 0.6] = path.mask_id
+    log_probs = torch.log_softmax(2 * torch.randn(3, 12, VOCAB, generator=gen, dtype=torch.float64), -1)
+    s, s_next = torch.full((3,), 0.8, dtype=torch.float64), torch.full((3,), 0.5, dtype=torch.float64)
+    q = path.commit_probability(s, s_next)[:, None]
+    ours = discrete_euler_step(tokens, log_probs, s, s_next, path, RandomSource(3, seeds=[1, 2, 3]), temperature)
+    reference = _full_vocabulary_step(tokens, log_probs, RandomSource(3, seeds=[1, 2, 3]), temperature, path, q=q)
+    assert torch.equal(ours, reference) and not torch.equal(ours, tokens)
+    commit = torch.tensor([1, 3, 0])
+    ours = confidence_step(tokens, log_probs, commit, tokens == path.mask_id, RandomSource(3, seeds=[4, 5, 6]),
+                           temperature)
+    reference = _full_vocabulary_step(tokens, log_probs, RandomSource(3, seeds=[4, 5, 6]), temperature, path,
+                                      commit=commit)
+    assert torch.equal(ours, reference)
+    assert ((ours != tokens).sum(dim=1) == commit).all()
 
 
 def test_nan_check_flags_exactly_the_outputs_that_hold_a_nan():

@@ -482,15 +482,8 @@ def discrete_euler_step(tokens: torch.Tensor, log_probs: torch.Tensor, s: torch.
     With the mask source only masked positions move (carry-over); with the uniform source any
     position may. `eligible` ([B, L] bool) restricts the positions that may move (blocks).
     """
-    batch, length = tokens.shape
-    candidates = sample_categorical(log_probs, rng.rand((batch, length)), temperature).to(tokens.device)
-    q = path.commit_probability(s.to(torch.float64), s_next.to(torch.float64)).to(tokens.device)
-    jump = rng.rand((batch, length)).to(tokens.device) < q[:, None]
-    if path.source == "mask":
-        jump &= tokens == path.mask_id
-    if eligible is not None:
-        jump &= eligible
-    return torch.where(jump, candidates, tokens)
+    rows = movable_positions(tokens, path, eligible)
+    return _euler_rows(tokens, log_probs[rows.to(log_probs.device)], rows, s, s_next, path, rng, temperature)
 
 
 def confidence_step(tokens: torch.Tensor, log_probs: torch.Tensor, commit: torch.Tensor,
@@ -500,13 +493,42 @@ def confidence_step(tokens: torch.Tensor, log_probs: torch.Tensor, commit: torch
     Candidates are drawn from the tempered posterior; confidence is their untempered posterior
     probability; ties go to the leftmost position.
     """
+    return _confidence_rows(tokens, log_probs[eligible.to(log_probs.device)], commit, eligible, rng, temperature)
+
+
+def movable_positions(tokens: torch.Tensor, path: MixtureTextPath, eligible: torch.Tensor | None) -> torch.Tensor:
+    """[B, L] bool: the positions a text step may change: eligible ones, and with the mask source
+    only those still masked. Only their posteriors are needed."""
+    rows = torch.ones_like(tokens, dtype=torch.bool) if eligible is None else eligible.to(tokens.device)
+    return rows & (tokens == path.mask_id) if path.source == "mask" else rows
+
+
+# The steps work on the log-probabilities of the positions `rows` only ([M, V], in row-major order of
+# the [B, L] mask): the others would be drawn and thrown away, and with a real vocabulary those
+# draws cost more than the model's step. Every position still consumes its uniforms, so the tokens
+# are the same as drawing everywhere.
+
+
+def _euler_rows(tokens, log_probs, rows, s, s_next, path, rng, temperature):
     batch, length = tokens.shape
-    candidates, probs = _categorical(log_probs, rng.rand((batch, length)), temperature)
+    uniforms = rng.rand((batch, length))
+    candidates = tokens.clone()
+    candidates[rows] = sample_categorical(log_probs, uniforms[rows.to(uniforms.device)], temperature).to(tokens.device)
+    q = path.commit_probability(s.to(torch.float64), s_next.to(torch.float64)).to(tokens.device)
+    jump = rows & (rng.rand((batch, length)).to(tokens.device) < q[:, None])
+    return torch.where(jump, candidates, tokens)
+
+
+def _confidence_rows(tokens, log_probs, commit, eligible, rng, temperature):
+    batch, length = tokens.shape
+    uniforms = rng.rand((batch, length))
+    drawn, probs = _categorical(log_probs, uniforms[eligible.to(uniforms.device)], temperature)
     if temperature != 1:
         probs = torch.softmax(log_probs.to(torch.float64), dim=-1)
-    confidence = probs.gather(-1, candidates.unsqueeze(-1)).squeeze(-1).to(tokens.device)
-    candidates = candidates.to(tokens.device)
-    confidence = torch.where(eligible, confidence, torch.full_like(confidence, -math.inf))
+    candidates = tokens.clone()
+    candidates[eligible] = drawn.to(tokens.device)
+    confidence = torch.full((batch, length), -math.inf, dtype=torch.float64, device=tokens.device)
+    confidence[eligible] = probs.gather(-1, drawn.unsqueeze(-1)).squeeze(-1).to(tokens.device)
     order = confidence.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(length, device=order.device).expand(batch, length))
@@ -548,21 +570,26 @@ class _TextUpdater:
             raise FlowError("semi-autoregressive blocks need the mask source")
         self.path, self.options, self.rng = path, options, rng
 
-    def update(self, tokens: torch.Tensor, log_probs: torch.Tensor, s: float, s_next: float,
-               eligible: torch.Tensor) -> torch.Tensor:
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, uncond_logits: torch.Tensor | None,
+               s: float, s_next: float, eligible: torch.Tensor) -> torch.Tensor:
+        """One step of `tokens` [B, L] from the model's logits [B, L, V] (and the unguided branch's,
+        with text guidance); only the positions the step may change are turned into probabilities."""
         batch = tokens.shape[0]
+        rows = movable_positions(tokens, self.path, eligible)
+        at = rows.to(logits.device)
+        log_probs = guide_logits(logits[at], None if uncond_logits is None else uncond_logits[at],
+                                 self.options.guidance_scale)
         if self.options.sampler == "euler":
-            return discrete_euler_step(tokens, log_probs, torch.full((batch,), s, dtype=torch.float64),
-                                       torch.full((batch,), s_next, dtype=torch.float64), self.path, self.rng,
-                                       self.options.temperature, eligible)
+            return _euler_rows(tokens, log_probs, rows, torch.full((batch,), s, dtype=torch.float64),
+                               torch.full((batch,), s_next, dtype=torch.float64), self.path, self.rng,
+                               self.options.temperature)
         # The masked count after the step follows the schedule: round(n_block * (1 - kappa(s'))).
         block_size = eligible.sum(dim=1)  # eligible = the block's positions here
-        still_masked = ((tokens == self.path.mask_id) & eligible).sum(dim=1)
+        still_masked = rows.sum(dim=1)  # rows = the block's masked positions
         k_next = self.path.kappa(torch.tensor(s_next, dtype=torch.float64)).item()
         target = torch.round(block_size.double() * (1.0 - k_next)).long()
         commit = (still_masked - target).clamp(min=0)
-        masked_eligible = eligible & (tokens == self.path.mask_id)
-        return confidence_step(tokens, log_probs, commit, masked_eligible, self.rng, self.options.temperature)
+        return _confidence_rows(tokens, log_probs, commit, rows, self.rng, self.options.temperature)
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,7 +735,8 @@ def sample_text(
         cache = caller.prefill(clean="video", video=video, condition=condition)
     video_clean_t = _timesteps(0.0, batch, device) if video is not None else None
 
-    def log_probs_at(tokens: torch.Tensor, s_model: torch.Tensor) -> torch.Tensor:
+    def logits_at(tokens: torch.Tensor, s_model: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, the no-video branch's logits or None)."""
         tt = _timesteps(s_model, batch, device)
         if cache is not None:
             logits = caller.step_text(tokens, tt, cache)
@@ -717,7 +745,7 @@ def sample_text(
         uncond = None
         if guided:
             uncond = caller.forward([_Branch(None, tokens, None, tt, condition)], False, True)[0][1]
-        return guide_logits(logits, uncond, options.guidance_scale)
+        return logits, uncond
 
     tokens = rng.source_tokens(path, batch, length, device)
     blocks = _blocks(length, options.block_length, options.steps)
@@ -734,8 +762,8 @@ def sample_text(
                     # whose mask fraction matches the canvas.
                     masked = (tokens == path.mask_id).double().mean(dim=1).cpu()
                     s_model = kappa_inverse(1.0 - masked, path.kappa_exponent)
-                log_probs = log_probs_at(tokens, s_model)
-                tokens = updater.update(tokens, log_probs, float(grid[j]), float(grid[j + 1]), eligible)
+                tokens = updater.update(tokens, *logits_at(tokens, s_model), float(grid[j]), float(grid[j + 1]),
+                                        eligible)
                 bar.update(1)
     return TextSample(tokens=tokens, sequences=decode_tokens(tokens, eos_id, skip_ids), nfe=caller.nfe)
 
@@ -809,19 +837,19 @@ def sample_joint(
         velocity = outs[0][0].float()
         if use_guidance:
             velocity = guide(velocity, outs[1][0].float(), vopt.guidance_scale)
-        log_probs = None
+        logits = None
         if want_text:
             uncond_logits = None
             if text_guided:
                 uncond_logits = caller.forward([_Branch(None, text_now, None, tt, condition)], False, True)[0][1]
-            log_probs = guide_logits(outs[0][1], uncond_logits, topt.guidance_scale)
-        return velocity, log_probs
+            logits = (outs[0][1], uncond_logits)
+        return velocity, logits
 
     solver = VideoODESolver(vopt.solver, video_grid)
     with _progress(vopt.steps, vopt.progress or topt.progress, "joint") as bar:
         for i in range(vopt.steps):
-            velocity, log_probs = evaluate(x, tokens, i, True)
-            tokens_next = updater.update(tokens, log_probs, float(text_grid[i]), float(text_grid[i + 1]),
+            velocity, logits = evaluate(x, tokens, i, True)
+            tokens_next = updater.update(tokens, *logits, float(text_grid[i]), float(text_grid[i + 1]),
                                          all_positions)
             x = solver.step(i, x, velocity, lambda x2, j: evaluate(x2, tokens_next, j, False)[0])
             tokens = tokens_next
