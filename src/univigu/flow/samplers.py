@@ -482,7 +482,7 @@ def discrete_euler_step(tokens: torch.Tensor, log_probs: torch.Tensor, s: torch.
     With the mask source only masked positions move (carry-over); with the uniform source any
     position may. `eligible` ([B, L] bool) restricts the positions that may move (blocks).
     """
-    rows = movable_positions(tokens, path, eligible)
+    rows = _movable_positions(tokens, path, eligible)
     return _euler_rows(tokens, log_probs[rows.to(log_probs.device)], rows, s, s_next, path, rng, temperature)
 
 
@@ -496,7 +496,7 @@ def confidence_step(tokens: torch.Tensor, log_probs: torch.Tensor, commit: torch
     return _confidence_rows(tokens, log_probs[eligible.to(log_probs.device)], commit, eligible, rng, temperature)
 
 
-def movable_positions(tokens: torch.Tensor, path: MixtureTextPath, eligible: torch.Tensor | None) -> torch.Tensor:
+def _movable_positions(tokens: torch.Tensor, path: MixtureTextPath, eligible: torch.Tensor | None) -> torch.Tensor:
     """[B, L] bool: the positions a text step may change: eligible ones, and with the mask source
     only those still masked. Only their posteriors are needed."""
     rows = torch.ones_like(tokens, dtype=torch.bool) if eligible is None else eligible.to(tokens.device)
@@ -575,7 +575,7 @@ class _TextUpdater:
         """One step of `tokens` [B, L] from the model's logits [B, L, V] (and the unguided branch's,
         with text guidance); only the positions the step may change are turned into probabilities."""
         batch = tokens.shape[0]
-        rows = movable_positions(tokens, self.path, eligible)
+        rows = _movable_positions(tokens, self.path, eligible)
         at = rows.to(logits.device)
         log_probs = guide_logits(logits[at], None if uncond_logits is None else uncond_logits[at],
                                  self.options.guidance_scale)
