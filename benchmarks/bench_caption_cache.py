@@ -19,7 +19,7 @@ isolation mask; what the published model runs), with the same weights.
     python benchmarks/bench_caption_cache.py            # ratios 8, 32, 128 at batch 1 and 8
     python benchmarks/bench_caption_cache.py --quick    # fewer repetitions
     python benchmarks/bench_caption_cache.py --model small --batches 1   # a real-size vocabulary
-Writes benchmarks/results/caption_cache.json.
+Writes benchmarks/results/caption_cache.json (caption_cache_small.json with --model small).
 """
 
 from __future__ import annotations
@@ -214,8 +214,11 @@ def main(argv=None):
     parser.add_argument("--full-policy-batches", nargs="*", type=int, default=[1],
                         help="batches at which the uncached path is also timed under the 'full' policy")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "caption_cache.json"))
+    parser.add_argument("--out", default=None,
+                        help="default: benchmarks/results/caption_cache.json (caption_cache_small.json for --model small)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = str(RESULTS_DIR / ("caption_cache.json" if args.model == "tiny" else f"caption_cache_{args.model}.json"))
     repeats = args.repeats or (5 if args.quick else 7)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if repeats < 5:
