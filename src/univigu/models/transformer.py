@@ -140,6 +140,17 @@ class UniViGUBlock(nn.Module):
         return _cat_tokens([(attn.to_q if kind == "video" else text_to_q)(x)
                             for x, (_, _, kind) in zip(parts, streams)])
 
+    def _modulated_inputs(self, streams):
+        """(per-stream modulations, 6 chunks each; per-stream normed and modulated self-attention inputs)."""
+        mods = [(self.scale_shift_table + mod.float()).chunk(6, dim=1) for _, mod, _ in streams]
+        # addcmul: the modulations and gated residuals in one pass each (mul then add is two).
+        normed = [torch.addcmul(m[0], self.norm1(h), 1 + m[1]).type_as(h) for (h, _, _), m in zip(streams, mods)]
+        return mods, normed
+
+    def keys_values(self, streams, rope: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The self-attention keys and values `forward` computes for these tokens, and nothing else."""
+        return self.attn1.project_kv(_cat_tokens(self._modulated_inputs(streams)[1]), rope)
+
     def forward(self, streams: list[tuple[torch.Tensor, torch.Tensor, str]], context: torch.Tensor,
                 rope: tuple | None, mask: torch.Tensor | None,
                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | Callable | None = None,
@@ -160,11 +171,8 @@ class UniViGUBlock(nn.Module):
         Returns:
             (new hidden states per stream, (keys, values) of the processed tokens).
         """
-        mods = [(self.scale_shift_table + mod.float()).chunk(6, dim=1) for _, mod, _ in streams]
+        mods, normed = self._modulated_inputs(streams)
         sizes = [h.shape[1] for h, _, _ in streams]
-
-        # addcmul: the modulations and gated residuals in one pass each (mul then add is two).
-        normed = [torch.addcmul(m[0], self.norm1(h), 1 + m[1]).type_as(h) for (h, _, _), m in zip(streams, mods)]
         x = _cat_tokens(normed)
         q = self.attn1.project_q(x, rope, self._query_linear(normed, streams, self.attn1, "text_to_q1"))
         k, v = self.attn1.project_kv(x, rope)
@@ -406,7 +414,15 @@ class UniViGUTransformer(nn.Module):
 
     def _run_blocks(self, streams, context, rope, mask, prefix=None, store: ModalityCache | None = None,
                     context_kv: list | None = None, video_text: torch.Tensor | None = None):
+        """The streams' hidden states after every block; with `store` (a prefill), None: only the
+        keys/values of every block are kept, in `store`."""
         for i, block in enumerate(self.blocks):
+            if store is not None and i == len(self.blocks) - 1:
+                # A prefill keeps keys/values only: the last block's outputs would go unused.
+                k, v = block.keys_values(streams, rope)
+                store.keys.append(k)
+                store.values.append(v)
+                return None
             kv = None if prefix is None else functools.partial(prefix.join, i)
             ckv = context_kv[i] if context_kv else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
