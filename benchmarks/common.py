@@ -89,11 +89,15 @@ def forward_flops(config: TransformerConfig, batch: int, n_video: int, n_text: i
 
 
 def prefill_flops(config: TransformerConfig, batch: int, n_video: int, condition_length: int) -> int:
-    """FLOPs of `prefill(clean='video')`: the video tokens through every block (no velocity head),
-    with the prompt projection and its cross-attention keys/values, which the cache keeps."""
+    """FLOPs of `prefill(clean='video')`: the video tokens through every block but the last, of
+    which only the keys and values are projected (4 D^2 per token; no velocity head), with the
+    prompt projection and its cross-attention keys/values, which the cache keeps."""
+    d = config.inner_dim
     patch = config.patch_size[0] * config.patch_size[1] * config.patch_size[2]
-    head = 2 * config.inner_dim * config.out_channels * patch
-    tokens = n_video * (per_token_flops(config, "video", n_video, condition_length) - head)
+    embed, head = 2 * config.in_channels * patch * d, 2 * d * config.out_channels * patch
+    full = per_token_flops(config, "video", n_video, condition_length)
+    layer = (full - embed - head) // config.num_layers
+    tokens = n_video * (full - head - layer + 4 * d * d)
     return batch * (tokens + per_sample_flops(config, condition_length))
 
 
