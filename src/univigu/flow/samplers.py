@@ -509,24 +509,28 @@ def _movable_positions(tokens: torch.Tensor, path: MixtureTextPath, eligible: to
 # are the same as drawing everywhere.
 
 
-def _euler_rows(tokens, log_probs, rows, s, s_next, path, rng, temperature):
-    batch, length = tokens.shape
-    uniforms = rng.rand((batch, length))
+def _draw_rows(tokens, log_probs, rows, rng, temperature):
+    """(tokens with a candidate drawn at each of `rows`, the drawn ids [M], their tempered
+    probabilities [M, V] or None for argmax); one uniform per position, used or not."""
+    uniforms = rng.rand(tokens.shape)
+    drawn, probs = _categorical(log_probs, uniforms[rows.to(uniforms.device)], temperature)
     candidates = tokens.clone()
-    candidates[rows] = sample_categorical(log_probs, uniforms[rows.to(uniforms.device)], temperature).to(tokens.device)
+    candidates[rows] = drawn.to(tokens.device)
+    return candidates, drawn, probs
+
+
+def _euler_rows(tokens, log_probs, rows, s, s_next, path, rng, temperature):
+    candidates = _draw_rows(tokens, log_probs, rows, rng, temperature)[0]
     q = path.commit_probability(s.to(torch.float64), s_next.to(torch.float64)).to(tokens.device)
-    jump = rows & (rng.rand((batch, length)).to(tokens.device) < q[:, None])
+    jump = rows & (rng.rand(tokens.shape).to(tokens.device) < q[:, None])
     return torch.where(jump, candidates, tokens)
 
 
 def _confidence_rows(tokens, log_probs, commit, eligible, rng, temperature):
     batch, length = tokens.shape
-    uniforms = rng.rand((batch, length))
-    drawn, probs = _categorical(log_probs, uniforms[eligible.to(uniforms.device)], temperature)
+    candidates, drawn, probs = _draw_rows(tokens, log_probs, eligible, rng, temperature)
     if temperature != 1:
         probs = torch.softmax(log_probs.to(torch.float64), dim=-1)
-    candidates = tokens.clone()
-    candidates[eligible] = drawn.to(tokens.device)
     confidence = torch.full((batch, length), -math.inf, dtype=torch.float64, device=tokens.device)
     confidence[eligible] = probs.gather(-1, drawn.unsqueeze(-1)).squeeze(-1).to(tokens.device)
     order = confidence.argsort(dim=-1, descending=True, stable=True)
