@@ -50,15 +50,20 @@ def per_token_flops(config: TransformerConfig, modality: str, n_keys: int, condi
     if modality not in ("video", "text"):
         raise ValueError(f"modality must be 'video' or 'text', got {modality!r}")
     d = config.inner_dim
-    ffn = config.ffn_dim if modality == "video" else (config.text_ffn_dim or config.ffn_dim)
-    layer = 8 * d * d + 4 * n_keys * d + 4 * d * d + 4 * condition_length * d + 4 * d * ffn
-    f = config.num_layers * layer
+    f = config.num_layers * layer_flops(config, modality, n_keys, condition_length)
     if modality == "video":
         patch = config.patch_size[0] * config.patch_size[1] * config.patch_size[2]
         f += 2 * config.in_channels * patch * d + 2 * d * config.out_channels * patch
     else:
         f += 2 * d * config.vocab_size
     return f
+
+
+def layer_flops(config: TransformerConfig, modality: str, n_keys: int, condition_length: int) -> int:
+    """Forward FLOPs of one token of `modality` in one block (the bracket of `per_token_flops`)."""
+    d = config.inner_dim
+    ffn = config.ffn_dim if modality == "video" else (config.text_ffn_dim or config.ffn_dim)
+    return 8 * d * d + 4 * n_keys * d + 4 * d * d + 4 * condition_length * d + 4 * d * ffn
 
 
 def per_sample_flops(config: TransformerConfig, condition_length: int, *, context_projection: bool = True,
@@ -94,10 +99,9 @@ def prefill_flops(config: TransformerConfig, batch: int, n_video: int, condition
     prompt projection and its cross-attention keys/values, which the cache keeps."""
     d = config.inner_dim
     patch = config.patch_size[0] * config.patch_size[1] * config.patch_size[2]
-    embed, head = 2 * config.in_channels * patch * d, 2 * d * config.out_channels * patch
-    full = per_token_flops(config, "video", n_video, condition_length)
-    layer = (full - embed - head) // config.num_layers
-    tokens = n_video * (full - head - layer + 4 * d * d)
+    head = 2 * d * config.out_channels * patch
+    last_block_unused = layer_flops(config, "video", n_video, condition_length) - 4 * d * d
+    tokens = n_video * (per_token_flops(config, "video", n_video, condition_length) - head - last_block_unused)
     return batch * (tokens + per_sample_flops(config, condition_length))
 
 
