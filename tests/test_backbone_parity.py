@@ -162,3 +162,28 @@ def test_config_defaults_are_diffusers_defaults():
     # The 14B defaults come through when the fields are missing.
     cfg = config_from_diffusers({"_class_name": "WanTransformer3DModel", "num_layers": 1})
     assert (cfg.num_attention_heads, cfg.attention_head_dim, cfg.ffn_dim, cfg.text_dim) == (40, 128, 13824, 4096)
+
+
+def test_bf16_autocast_keeps_the_fp32_residual_stream_of_wans_code():
+    """Under bf16 autocast ours keeps the residual stream in fp32, as Wan's own code does (diffusers
+    rounds it to bf16 after every residual), so it lands closer to the fp32 output than diffusers
+    does: about 0.64 of diffusers' error here, against 0.85-0.89 when ours rounded it too. A model
+    cast to bf16 runs without autocast as well."""
+    kwargs = dict(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=4, text_dim=16,
+                  freq_dim=32, ffn_dim=256, num_layers=4)
+    reference = make_diffusers(kwargs)
+    ours = UniViGUTransformer(config_from_diffusers(kwargs)).eval()
+    ours.load_state_dict(reference.state_dict())
+    video, t, cond = random_inputs(ours.config, batch=2, frames=3, height=8, width=8)
+    with torch.no_grad():
+        exact = ours(video, None, t, None, cond)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours_bf16 = ours(video, None, t, None, cond)[0]
+            diffusers_bf16 = reference(video, t, cond, return_dict=False)[0].float()
+        cast = ours.to(torch.bfloat16)(video.bfloat16(), None, t, None, cond.bfloat16())[0]
+
+    def error(x):
+        return float((x.float() - exact).norm() / exact.norm())
+
+    assert 0 < error(ours_bf16) < 0.75 * error(diffusers_bf16)
+    assert cast.dtype == torch.float32 and 0 < error(cast) < 0.02

@@ -30,12 +30,22 @@ class FP32LayerNorm(nn.LayerNorm):
 
 
 class FP32RMSNorm(nn.RMSNorm):
-    """RMSNorm over the full hidden size (across heads), in fp32, output in the input dtype."""
+    """RMSNorm over the full hidden size (across heads), in fp32, output in the input dtype (or
+    `dtype`)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         weight = self.weight.float() if self.weight is not None else None
         eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
-        return rms_norm(x.float(), weight, eps).to(x.dtype)
+        return rms_norm(x.float(), weight, eps).to(dtype or x.dtype)
+
+
+def compute_dtype(layer: nn.Linear, device_type: str) -> torch.dtype:
+    """The dtype `layer` multiplies in: autocast's where autocast is on, else its weight's. The
+    fp32 residual stream is cast to it once before the layers that read it (autocast would cast it
+    again in every one of them)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return layer.weight.dtype
 
 
 def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -211,7 +221,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 class WanAttention(nn.Module):
     """Multi-head attention with QK RMSNorm across heads (diffusers' WanAttention layout)."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, eps: float, qk_norm: bool = True):
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float):
         super().__init__()
         self.heads = heads
         self.head_dim = head_dim
@@ -220,24 +230,26 @@ class WanAttention(nn.Module):
         self.to_k = nn.Linear(dim, inner)
         self.to_v = nn.Linear(dim, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
-        self.norm_q = FP32RMSNorm(inner, eps=eps) if qk_norm else nn.Identity()
-        self.norm_k = FP32RMSNorm(inner, eps=eps) if qk_norm else nn.Identity()
+        self.norm_q = FP32RMSNorm(inner, eps=eps)
+        self.norm_k = FP32RMSNorm(inner, eps=eps)
+
+    def _heads(self, norm: FP32RMSNorm, y: torch.Tensor, rope: tuple | None) -> torch.Tensor:
+        """norm(y) split into heads [B, L, H, D] and rotated when a rope table is given; in y's
+        dtype, but fp32 from the norm through the rotation (one rounding, not three)."""
+        if rope is None:
+            return norm(y).unflatten(-1, (self.heads, self.head_dim))
+        heads = norm(y, dtype=torch.float32).unflatten(-1, (self.heads, self.head_dim))
+        return apply_rope(heads, *rope).to(y.dtype)
 
     def project_kv(self, x: torch.Tensor, rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, L, H, D] of the tokens x (rotated when a rope table is given)."""
-        k = self.norm_k(self.to_k(x)).unflatten(-1, (self.heads, self.head_dim))
         v = self.to_v(x).unflatten(-1, (self.heads, self.head_dim))
-        if rope is not None:
-            k = apply_rope(k, *rope)
-        return k, v
+        return self._heads(self.norm_k, self.to_k(x), rope), v
 
     def project_q(self, x: torch.Tensor, rope: tuple | None = None, linear: torch.Tensor | None = None) -> torch.Tensor:
         """Queries [B, L, H, D] of the tokens x; `linear`: their `to_q` output when already computed
         (the unified block projects text tokens with their own layer)."""
-        q = self.norm_q(self.to_q(x) if linear is None else linear).unflatten(-1, (self.heads, self.head_dim))
-        if rope is not None:
-            q = apply_rope(q, *rope)
-        return q
+        return self._heads(self.norm_q, self.to_q(x) if linear is None else linear, rope)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,6 +32,7 @@ from .layers import (
     TextProjection,
     TimestepEmbedding,
     WanAttention,
+    compute_dtype,
     sinusoidal_embedding,
     text_rope,
     video_rope,
@@ -100,7 +101,11 @@ def _cat_tokens(parts: list[torch.Tensor]) -> torch.Tensor:
 
 class UniViGUBlock(nn.Module):
     """A Wan block whose FFN is routed by modality; attention, cross-attention, norms and the
-    modulation table are shared by both streams."""
+    modulation table are shared by both streams.
+
+    The residual stream is fp32 whatever the compute dtype, as in Wan's own code (diffusers rounds
+    it to bf16 after every residual); the inputs of the linear layers are cast to their compute
+    dtype once each (`compute_dtype`)."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -140,11 +145,16 @@ class UniViGUBlock(nn.Module):
         return _cat_tokens([(attn.to_q if kind == "video" else text_to_q)(x)
                             for x, (_, _, kind) in zip(parts, streams)])
 
+    def _compute_dtype(self, h: torch.Tensor) -> torch.dtype:
+        return compute_dtype(self.attn1.to_q, h.device.type)
+
     def _modulated_inputs(self, streams):
-        """(per-stream modulations, 6 chunks each; per-stream normed and modulated self-attention inputs)."""
+        """(per-stream modulations, 6 chunks each; per-stream normed and modulated self-attention
+        inputs in the compute dtype)."""
         mods = [(self.scale_shift_table + mod.float()).chunk(6, dim=1) for _, mod, _ in streams]
+        low = self._compute_dtype(streams[0][0])
         # addcmul: the modulations and gated residuals in one pass each (mul then add is two).
-        normed = [torch.addcmul(m[0], self.norm1(h), 1 + m[1]).type_as(h) for (h, _, _), m in zip(streams, mods)]
+        normed = [torch.addcmul(m[0], self.norm1(h), 1 + m[1]).to(low) for (h, _, _), m in zip(streams, mods)]
         return mods, normed
 
     def keys_values(self, streams, rope: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +169,7 @@ class UniViGUBlock(nn.Module):
         """Run one block over the token streams present.
 
         Args:
-            streams: [(hidden [B, n, D], modulation [B, 6, D], "video" | "text")] in sequence order.
+            streams: [(hidden [B, n, D] fp32, modulation [B, 6, D], "video" | "text")] in sequence order.
             context: projected prompt embedding [B, Lc, D].
             rope: (cos, sin, pairing) tables for the concatenated streams.
             mask: [B, 1, S, S_keys] bool attention mask or None.
@@ -182,11 +192,12 @@ class UniViGUBlock(nn.Module):
         elif prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=1), torch.cat([prefix_kv[1], v], dim=1)
         attn = self.attn1.attend(q, k, v, self._attention_mask(mask, video_text, q.dtype)).split(sizes, dim=1)
-        hidden = [torch.addcmul(h.float(), a, m[2]).type_as(h) for (h, _, _), a, m in zip(streams, attn, mods)]
+        hidden = [torch.addcmul(h, a, m[2]) for (h, _, _), a, m in zip(streams, attn, mods)]
 
         x = _cat_tokens(hidden)
         ck, cv = context_kv if context_kv is not None else self.attn2.project_kv(context)
-        y = self.norm2(x).type_as(x)
+        low = self._compute_dtype(x)
+        y = self.norm2(x).to(low)
         linear = self._query_linear(list(y.split(sizes, dim=1)), streams, self.attn2, "text_to_q2")
         x = x + self.attn2.attend(self.attn2.project_q(y, linear=linear), ck, cv)
         hidden = list(x.split(sizes, dim=1))
@@ -194,8 +205,8 @@ class UniViGUBlock(nn.Module):
         out = []
         for h, (_, _, kind), m in zip(hidden, streams, mods):
             ffn = self.ffn if kind == "video" else self.text_ffn
-            y = ffn(torch.addcmul(m[3], self.norm3(h), 1 + m[4]).type_as(h))
-            out.append(torch.addcmul(h.float(), y, m[5]).type_as(h))
+            y = ffn(torch.addcmul(m[3], self.norm3(h), 1 + m[4]).to(low))
+            out.append(torch.addcmul(h, y, m[5]))
         return out, new_kv
 
 
@@ -371,9 +382,11 @@ class UniViGUTransformer(nn.Module):
     # ------------------------------------------------------------------ stream helpers
     def _embed_video(self, video, t_video):
         grid = self._check_video(video)
-        # contiguous: otherwise the residual stream keeps the conv's [B, D, N] memory layout through
-        # every block (elementwise results follow their inputs' strides), slowing norms and GEMMs.
-        hv = self.patch_embedding(video).flatten(2).transpose(1, 2).contiguous()
+        # fp32, the residual stream's dtype (UniViGUBlock), and contiguous: otherwise the stream keeps
+        # the conv's [B, D, N] memory layout through every block (elementwise results follow their
+        # inputs' strides), slowing norms and GEMMs.
+        hv = self.patch_embedding(video).flatten(2).transpose(1, 2)
+        hv = hv.to(torch.float32, memory_format=torch.contiguous_format)
         temb, mod = _time_modulation(t_video, self.config.freq_dim, self.condition_embedder.time_embedder,
                                      self.condition_embedder.time_proj)
         cos, sin = video_rope(grid, self.config.attention_head_dim, device=video.device)
@@ -382,7 +395,7 @@ class UniViGUTransformer(nn.Module):
 
     def _embed_text(self, text, t_text):
         ts = self.text_stream
-        ht = ts.token_embedding(text)
+        ht = ts.token_embedding(text).float()
         if self.config.text_position_embedding:
             ht = ht + ts.position_embedding[: text.shape[1]]
         temb, mod = _time_modulation(t_text, self.config.freq_dim, ts.time_embedder, ts.time_proj)
@@ -392,7 +405,7 @@ class UniViGUTransformer(nn.Module):
 
     def _video_head(self, hv, temb, grid, batch):
         shift, scale = (self.scale_shift_table + temb.float()[:, None]).chunk(2, dim=1)
-        x = self.proj_out(torch.addcmul(shift, self.norm_out(hv), 1 + scale).type_as(hv))
+        x = self.proj_out(torch.addcmul(shift, self.norm_out(hv), 1 + scale).to(compute_dtype(self.proj_out, hv.device.type)))
         cfg = self.config
         pt, ph, pw = cfg.patch_size
         f, h, w = grid
@@ -410,7 +423,8 @@ class UniViGUTransformer(nn.Module):
     def _text_head(self, ht, temb):
         ts = self.text_stream
         shift, scale = (ts.scale_shift_table + temb.float()[:, None]).chunk(2, dim=1)
-        return ts.proj_out(torch.addcmul(shift, ts.norm_out(ht), 1 + scale).type_as(ht)).float()
+        low = compute_dtype(ts.proj_out, ht.device.type)
+        return ts.proj_out(torch.addcmul(shift, ts.norm_out(ht), 1 + scale).to(low)).float()
 
     def _run_blocks(self, streams, context, rope, mask, prefix=None, store: ModalityCache | None = None,
                     context_kv: list | None = None, video_text: torch.Tensor | None = None):
