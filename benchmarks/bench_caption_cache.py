@@ -55,7 +55,9 @@ CONDITION_LENGTH = 24  # the ShapesWorld presets' prompt length
 #         hundred small ops);
 #   small: the backbone benchmarks' small config (4 x 64 heads, 6 layers, FFN 1024) with the
 #         untrimmed 30522-word WordPiece vocabulary of the project's tokenizer and 32 text tokens,
-#         where reading out a text token costs as a real vocabulary makes it cost.
+#         where reading out a text token costs as a real vocabulary makes it cost;
+#   wide: the small setup's text canvas and vocabulary on two blocks of Wan2.1-T2V-1.3B's width
+#         (12 x 128 heads, FFN 8960), where a step's GEMMs are large enough that per-op cost fades.
 SETUPS = {
     "tiny": (dict(num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=4, in_channels=16,
                   out_channels=16, text_dim=384, vocab_size=1000, text_length=16, attention_policy="clean_isolated"),
@@ -63,6 +65,9 @@ SETUPS = {
     "small": (dict(num_attention_heads=4, attention_head_dim=64, ffn_dim=1024, num_layers=6, in_channels=16,
                    out_channels=16, text_dim=384, vocab_size=30522, text_length=32, attention_policy="clean_isolated"),
               {8: (16, 4, 16, 16), 32: (16, 4, 32, 32), 128: (16, 16, 32, 32)}),
+    "wide": (dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=2, in_channels=16,
+                  out_channels=16, text_dim=384, vocab_size=30522, text_length=32, attention_policy="clean_isolated"),
+             {8: (16, 4, 16, 16), 32: (16, 4, 32, 32), 128: (16, 16, 32, 32)}),
 }
 RATIOS = (8, 32, 128)
 
@@ -203,7 +208,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=list(SETUPS), default="tiny",
                         help="tiny: 4 x 32 heads, 4 layers, 1000 words, 16 text tokens; small: 4 x 64 heads, "
-                             "6 layers, 30522 words, 32 text tokens")
+                             "6 layers, 30522 words, 32 text tokens; wide: two Wan2.1-1.3B-shaped blocks "
+                             "(12 x 128 heads, FFN 8960), 30522 words, 32 text tokens")
     parser.add_argument("--ratios", nargs="+", type=int, default=list(RATIOS), choices=RATIOS)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8],
@@ -215,7 +221,7 @@ def main(argv=None):
                         help="batches at which the uncached path is also timed under the 'full' policy")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None,
-                        help="default: benchmarks/results/caption_cache.json (caption_cache_small.json for --model small)")
+                        help="default: benchmarks/results/caption_cache.json (caption_cache_<model>.json for the others)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = str(RESULTS_DIR / ("caption_cache.json" if args.model == "tiny" else f"caption_cache_{args.model}.json"))
