@@ -67,3 +67,26 @@ def test_backward_inside_autocast_stays_fp32():
         grads.append((x.grad.clone(), w.grad.clone()))
         x.grad = w.grad = None
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_bf16_input_is_widened_inside_exactly_as_an_upcast_first(with_grad):
+    """A bf16 input normalises to fp32 without a separate upcast pass, and gives the output and
+    gradients of upcasting it first, bit for bit."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 10, 48, generator=gen).bfloat16()
+    w = 1.0 + 0.3 * torch.randn(48, generator=gen)
+    grad = torch.randn(3, 10, 48, generator=gen)
+    results = []
+    for widen in (lambda a: a, lambda a: a.float()):
+        a, b = x.clone().requires_grad_(with_grad), w.clone().requires_grad_(with_grad)
+        with torch.set_grad_enabled(with_grad):
+            out = rms_norm(widen(a), b, 1e-6)
+        assert out.dtype == torch.float32
+        if with_grad:
+            out.backward(grad)
+            assert a.grad.dtype == torch.bfloat16
+            results.append((out.detach(), a.grad, b.grad))
+        else:
+            results.append((out,))
+    assert all(torch.equal(ours, upcast) for ours, upcast in zip(*results))

@@ -36,7 +36,7 @@ class FP32RMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         weight = self.weight.float() if self.weight is not None else None
         eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
-        return rms_norm(x.float(), weight, eps).to(dtype or x.dtype)
+        return rms_norm(x, weight, eps).to(dtype or x.dtype)
 
 
 def compute_dtype(layer: nn.Linear, device_type: str) -> torch.dtype:

@@ -9,8 +9,9 @@ input for the backward, and takes the gradients in closed form:
     x_hat = x r,  r = (mean(x^2) + eps)^(-1/2),  y = x_hat w
     dx = r (g w - x_hat mean(g w x_hat)),  dw = sum over rows of g x_hat
 
-Its outputs differ from `F.rms_norm` by rounding only. GPUs have a fused kernel and inductor fuses
-the composite itself, so there (and off the CPU) this is `F.rms_norm`.
+Its outputs differ from `F.rms_norm` by rounding only. A bf16 input is read as it is and widened
+inside the first two passes (a separate upcast would be one more pass each way). GPUs have a fused
+kernel and inductor fuses the composite itself, so there (and off the CPU) this is `F.rms_norm`.
 """
 
 from __future__ import annotations
@@ -20,18 +21,24 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm of x [..., D] over its last dimension, times `weight` [D] when given."""
+    """RMSNorm of x [..., D] over its last dimension, times `weight` [D] when given; in fp32 (or
+    x's dtype, if wider) whatever x's dtype."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return F.rms_norm(x, x.shape[-1:], weight, eps)
+        return F.rms_norm(_wide(x), x.shape[-1:], weight, eps)
     if weight is not None and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNorm.apply(x, weight, eps)
     x_hat = _normalise(x, eps)[0]
     return x_hat if weight is None else x_hat.mul_(weight)
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _normalise(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x r, r) with r = (mean(x^2) + eps)^(-1/2) per row [..., 1]."""
-    norm = torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True)
+    """(x r, r) in fp32 (or wider) with r = (mean(x^2) + eps)^(-1/2) per row [..., 1]."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True, dtype=wide)
     inverse_rms = norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
     return x * inverse_rms, inverse_rms
 
