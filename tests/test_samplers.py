@@ -613,3 +613,22 @@ def test_joint_guidance_branches():
         assert torch.equal(call["condition"][:2], cond)
     with pytest.raises(FlowError, match="blocks"):
         JointSamplerOptions(text=TextSamplerOptions(block_length=4))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_draws_in_row_blocks_equal_drawing_all_rows_at_once(monkeypatch, temperature):
+    """The categorical draw works through the rows in cache-sized blocks; the ids and confidences
+    are the same as in one block, and an empty set of rows gives empty results."""
+    from univigu.flow import samplers
+
+    gen = torch.Generator().manual_seed(5)
+    logits = 3 * torch.randn(7, 5, VOCAB, generator=gen)
+    uniforms = torch.rand(7, 5, generator=gen, dtype=torch.float64)
+    whole = samplers._categorical(logits, uniforms, temperature, confidence=True)
+    monkeypatch.setattr(samplers, "_DRAW_BLOCK_ELEMENTS", 3 * VOCAB)  # blocks of 3 rows
+    blocked = samplers._categorical(logits, uniforms, temperature, confidence=True)
+    assert blocked[0].shape == (7, 5) and torch.equal(whole[0], blocked[0]) and torch.equal(whole[1], blocked[1])
+    expected = torch.softmax(logits.double(), -1).gather(-1, whole[0].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(whole[1], expected, rtol=1e-12, atol=0)  # the untempered probability
+    empty = samplers._categorical(logits[:0, 0], uniforms[:0, 0], temperature, confidence=True)
+    assert empty[0].shape == (0,) and empty[1].shape == (0,)

@@ -445,29 +445,64 @@ def guide_logits(conditional: torch.Tensor, unconditional: torch.Tensor | None, 
     return guide(cond.clamp(min=_LOG_PROB_FLOOR), uncond.clamp(min=_LOG_PROB_FLOOR), scale)
 
 
-def _categorical(log_probs: torch.Tensor, uniforms: torch.Tensor,
-                 temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inverse-CDF draws in float64; also returns the tempered probabilities (None for argmax)."""
-    log_probs = log_probs.to(torch.float64)
+# Rows of [M, V] drawn together: their float64 work fits about 4 MiB, so it stays in cache and the
+# allocator reuses one block from row block to row block (a fresh [M, V] float64 tensor per step
+# costs its page faults, about as much as the arithmetic).
+_DRAW_BLOCK_ELEMENTS = 1 << 19
+
+
+def _categorical(log_weights: torch.Tensor, uniforms: torch.Tensor, temperature: float,
+                 confidence: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inverse-CDF draws in float64 from ``softmax(log_weights / T)`` (``T = 0``: the argmax), and,
+    with `confidence`, each drawn id's untempered probability ``softmax(log_weights)`` (else None).
+
+    `log_weights` [..., V] may be off by a constant per row (logits will do); `uniforms` has their
+    leading shape. The CDF is built on ``exp((x - max) / T)`` as it is and the uniform scaled to
+    its total: normalising first would cost a softmax's passes over the whole vocabulary, which
+    with a real vocabulary cost more than the model's step.
+    """
+    lead, vocab = log_weights.shape[:-1], log_weights.shape[-1]
+    flat, flat_u = log_weights.reshape(-1, vocab), uniforms.reshape(-1)
+    block = max(1, _DRAW_BLOCK_ELEMENTS // vocab)
+    parts = [_categorical_block(flat[i:i + block], flat_u[i:i + block], temperature, confidence)
+             for i in range(0, max(flat.shape[0], 1), block)]  # one (empty) block when no rows
+    idx = torch.cat([p[0] for p in parts]).view(lead)
+    return idx, (torch.cat([p[1] for p in parts]).view(lead) if confidence else None)
+
+
+def _categorical_block(log_weights, uniforms, temperature, confidence):
+    """`_categorical` for rows [m, V]."""
+    peak = log_weights.amax(dim=-1, keepdim=True).to(torch.float64)  # exact in any dtype
     if temperature == 0:
-        return log_probs.argmax(dim=-1), None
-    probs = torch.softmax(log_probs if temperature == 1 else log_probs / temperature, dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    u = uniforms.to(device=cdf.device, dtype=torch.float64) * cdf[..., -1]
+        idx = log_weights.argmax(dim=-1)  # its weight is exp(0) = 1
+        return idx, (torch.exp(log_weights - peak).sum(dim=-1).reciprocal() if confidence else None)
+    weights = torch.sub(log_weights, peak)  # float64
+    if temperature != 1:
+        weights.div_(temperature)
+    cdf = weights.exp_().cumsum_(dim=-1)
+    total = cdf[..., -1]
+    u = uniforms.to(device=cdf.device, dtype=torch.float64) * total
     idx = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
     # Rounding can put u on the top of the CDF (idx past the end); fall back to the last id with
     # mass. Any other idx has mass (the CDF rises there), so the fallback is looked up only then.
-    past_end = idx == probs.shape[-1]
+    past_end = idx == cdf.shape[-1]
     if past_end.any():
-        last_with_mass = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(dim=-1)
+        rises = torch.diff(cdf, dim=-1, prepend=torch.zeros_like(cdf[..., :1])) > 0
+        last_with_mass = cdf.shape[-1] - 1 - rises.flip(-1).to(torch.int8).argmax(dim=-1)
         idx = torch.where(past_end, last_with_mass, idx)
-    return idx, probs
+    if not confidence:
+        return idx, None
+    chosen = torch.exp(log_weights.gather(-1, idx.unsqueeze(-1)).to(torch.float64) - peak).squeeze(-1)
+    if temperature == 1:
+        return idx, chosen / total
+    return idx, chosen / torch.exp(log_weights - peak).sum(dim=-1)
 
 
 def sample_categorical(log_probs: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Draw one id per position from ``softmax(log_probs / T)`` in float64 by inverting the CDF.
 
     `uniforms` are U[0, 1) draws with the leading shape of `log_probs`; ``T = 0`` returns the argmax.
+    `log_probs` may be unnormalised (logits will do).
     """
     return _categorical(log_probs, uniforms, temperature)[0]
 
@@ -509,14 +544,14 @@ def _movable_positions(tokens: torch.Tensor, path: MixtureTextPath, eligible: to
 # are the same as drawing everywhere.
 
 
-def _draw_rows(tokens, log_probs, rows, rng, temperature):
-    """(tokens with a candidate drawn at each of `rows`, the drawn ids [M], their tempered
-    probabilities [M, V] or None for argmax); one uniform per position, used or not."""
+def _draw_rows(tokens, log_probs, rows, rng, temperature, confidence=False):
+    """(tokens with a candidate drawn at each of `rows`, the drawn ids' untempered probabilities [M]
+    when `confidence`, else None); one uniform per position, used or not."""
     uniforms = rng.rand(tokens.shape)
-    drawn, probs = _categorical(log_probs, uniforms[rows.to(uniforms.device)], temperature)
+    drawn, probability = _categorical(log_probs, uniforms[rows.to(uniforms.device)], temperature, confidence)
     candidates = tokens.clone()
     candidates[rows] = drawn.to(tokens.device)
-    return candidates, drawn, probs
+    return candidates, probability
 
 
 def _euler_rows(tokens, log_probs, rows, s, s_next, path, rng, temperature):
@@ -528,11 +563,9 @@ def _euler_rows(tokens, log_probs, rows, s, s_next, path, rng, temperature):
 
 def _confidence_rows(tokens, log_probs, commit, eligible, rng, temperature):
     batch, length = tokens.shape
-    candidates, drawn, probs = _draw_rows(tokens, log_probs, eligible, rng, temperature)
-    if temperature != 1:
-        probs = torch.softmax(log_probs.to(torch.float64), dim=-1)
+    candidates, probability = _draw_rows(tokens, log_probs, eligible, rng, temperature, confidence=True)
     confidence = torch.full((batch, length), -math.inf, dtype=torch.float64, device=tokens.device)
-    confidence[eligible] = probs.gather(-1, drawn.unsqueeze(-1)).squeeze(-1).to(tokens.device)
+    confidence[eligible] = probability.to(tokens.device)
     order = confidence.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(length, device=order.device).expand(batch, length))
@@ -581,8 +614,11 @@ class _TextUpdater:
         batch = tokens.shape[0]
         rows = _movable_positions(tokens, self.path, eligible)
         at = rows.to(logits.device)
-        log_probs = guide_logits(logits[at], None if uncond_logits is None else uncond_logits[at],
-                                 self.options.guidance_scale)
+        if uncond_logits is None or self.options.guidance_scale == 1.0:
+            # The draws take unnormalised log-probabilities; all rows: a view, not a copy.
+            log_probs = logits.flatten(0, 1) if bool(at.all()) else logits[at]
+        else:
+            log_probs = guide_logits(logits[at], uncond_logits[at], self.options.guidance_scale)
         if self.options.sampler == "euler":
             return _euler_rows(tokens, log_probs, rows, torch.full((batch,), s, dtype=torch.float64),
                                torch.full((batch,), s_next, dtype=torch.float64), self.path, self.rng,
