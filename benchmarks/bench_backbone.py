@@ -2,11 +2,12 @@
 
 Both models hold the same weights (ours is loaded from the diffusers state dict, whose names it
 shares) and see the same inputs. For every case, precision (fp32, bf16 autocast) and mode
-(forward, forward+backward) the two run alternately in one process -- ours first on even
-repetitions, diffusers first on odd ones, so drift in machine load hits both -- and we report the
+(forward, forward+backward) the two run alternately in one process -- who goes first rotates from
+repetition to repetition, so drift in machine load hits both -- and we report the
 median of the timed repetitions after warm-up, and the ratio ours / diffusers (< 1: ours is
 faster), both as the ratio of the two medians and as the median of the per-repetition ratios (each
-repetition runs the pair back to back, so that one is robust to drift over the run).
+repetition runs the pair back to back, so that one is robust to drift over the run). `--baseline`
+adds a third model to the rotation: another checkout's, to measure what a change did.
 On a CPU the default clock is this process's CPU time on one thread: on a shared machine, wall
 time mostly measures the other processes. Note that CPUs without native bf16 (AVX2 only) emulate
 bf16 matmuls, so bf16 autocast there is several times slower than fp32 for both models.
@@ -14,12 +15,16 @@ bf16 matmuls, so bf16 autocast there is several times slower than fp32 for both 
     python benchmarks/bench_backbone.py            # full run
     python benchmarks/bench_backbone.py --quick    # fewer repetitions
     python benchmarks/bench_backbone.py --compile  # every block of both models under torch.compile
+    git worktree add /tmp/base <commit>            # then time that checkout's model in the same run:
+    python benchmarks/bench_backbone.py --baseline /tmp/base/src
 Writes benchmarks/results/backbone_speed.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import platform
 import statistics
@@ -73,6 +78,21 @@ def build_pair(fields: dict, device: torch.device, seed: int = 0):
     return ours, reference
 
 
+def load_baseline(src: str):
+    """The `UniViGUTransformer` and `TransformerConfig` classes of another checkout's package (its
+    `src/` directory), imported as `univigu_baseline` so that both versions run in one process."""
+    package = Path(src) / "univigu"
+    if not (package / "models" / "transformer.py").is_file():
+        raise SystemExit(f"--baseline {src}: no univigu/models/transformer.py there (give a checkout's src/)")
+    spec = importlib.util.spec_from_file_location("univigu_baseline", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["univigu_baseline"] = module
+    spec.loader.exec_module(module)
+    config = importlib.import_module("univigu_baseline.config")
+    return importlib.import_module("univigu_baseline.models.transformer").UniViGUTransformer, config.TransformerConfig
+
+
 def make_inputs(config: TransformerConfig, latent, batch, condition_length, device, seed=1):
     gen = torch.Generator().manual_seed(seed)
     video = torch.randn(batch, *latent, generator=gen).to(device)
@@ -109,12 +129,18 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def bench_case(name, device, precisions, modes, warmup, repeats, clock, compiled=False):
+def bench_case(name, device, precisions, modes, warmup, repeats, clock, compiled=False, baseline=None):
     fields, latent, batch, condition_length = CASES[name]
     ours, reference = build_pair(fields, device)
+    models = {"ours": (ours, True), "diffusers": (reference, False)}
+    if baseline is not None:  # another checkout's model, same weights
+        model_class, config_class = baseline
+        with device:
+            models["baseline"] = (model_class(config_class(**fields)), True)
+        models["baseline"][0].load_state_dict(ours.state_dict())
     if compiled:  # the warm-up calls pay the compiles
         torch._dynamo.reset()  # each case its own compile budget (8 recompiles per function by default)
-        compile_blocks(ours, reference)
+        compile_blocks(*(m for m, _ in models.values()))
     inputs = make_inputs(ours.config, latent, batch, condition_length, device)
     tokens = latent[1] * latent[2] * latent[3] // 4
     rows = []
@@ -128,18 +154,19 @@ def bench_case(name, device, precisions, modes, warmup, repeats, clock, compiled
         rel_diff = float((a - b).norm() / b.norm())
         for mode in modes:
             backward = mode == "forward_backward"
-            for m in (ours, reference):
+            for m, _ in models.values():
                 m.train(backward)
             grad = nullcontext() if backward else torch.no_grad()
-            fns = {"ours": runner(ours, True, inputs, backward), "diffusers": runner(reference, False, inputs, backward)}
-            times = {"ours": [], "diffusers": []}
-            other = {"ours": [], "diffusers": []}  # the clock not used for the ratio
+            fns = {who: runner(m, is_ours, inputs, backward) for who, (m, is_ours) in models.items()}
+            times = {who: [] for who in fns}
+            other = {who: [] for who in fns}  # the clock not used for the ratio
             with grad, autocast:
                 for _ in range(warmup):
                     for fn in fns.values():
                         fn()
                 for rep in range(repeats):
-                    order = ("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours")
+                    names = list(fns)
+                    order = names[rep % len(names):] + names[:rep % len(names)]  # who goes first rotates
                     for who in order:
                         wall, cpu = timed(fns[who], device)
                         times[who].append(cpu if clock == "cpu" else wall)
@@ -162,6 +189,15 @@ def bench_case(name, device, precisions, modes, warmup, repeats, clock, compiled
             print(f"{name:14s} {precision:5s} {mode:17s} ours {ours_s * 1e3:9.1f} ms  diffusers "
                   f"{diff_s * 1e3:9.1f} ms  ratio {row['ratio']:.3f} (per repetition {row['ratio_median_per_rep']:.3f})  "
                   f"(rel diff {rel_diff:.1e})", flush=True)
+            if baseline is not None:
+                row.update(baseline_s=statistics.median(times["baseline"]), baseline_all_s=times["baseline"],
+                           baseline_ratio_median_per_rep=statistics.median(
+                               b / d for b, d in zip(times["baseline"], times["diffusers"])),
+                           ours_over_baseline_median_per_rep=statistics.median(
+                               o / b for o, b in zip(times["ours"], times["baseline"])))
+                print(f"{'':14s} {'':5s} {'':17s} baseline {row['baseline_s'] * 1e3:9.1f} ms  per repetition: "
+                      f"baseline / diffusers {row['baseline_ratio_median_per_rep']:.3f}, ours / baseline "
+                      f"{row['ours_over_baseline_median_per_rep']:.3f}", flush=True)
     return rows
 
 
@@ -182,6 +218,9 @@ def main(argv=None):
     parser.add_argument("--clock", choices=["wall", "cpu"], default=None,
                         help="time to compare: wall clock, or this process's CPU time (default: cpu on a CPU "
                              "device, which other processes on a shared machine do not inflate; wall on GPU)")
+    parser.add_argument("--baseline", default=None, metavar="SRC",
+                        help="another checkout's src/ directory: its model is timed in the same run, "
+                             "interleaved with ours and diffusers' (did a change make ours faster?)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "backbone_speed.json"))
     args = parser.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 11)
@@ -197,15 +236,16 @@ def main(argv=None):
 
     import diffusers
 
+    baseline = load_baseline(args.baseline) if args.baseline else None
     rows = []
     for name in cases:
-        rows += bench_case(name, device, args.precisions, args.modes, warmup, repeats, clock, args.compile)
+        rows += bench_case(name, device, args.precisions, args.modes, warmup, repeats, clock, args.compile, baseline)
     result = {
         "benchmark": "video backbone: univigu UniViGUTransformer (vocab_size=0) vs diffusers WanTransformer3DModel",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "clock": clock,
-        "repeats": repeats, "warmup": warmup, "compiled_blocks": args.compile,
+        "repeats": repeats, "warmup": warmup, "compiled_blocks": args.compile, "baseline": args.baseline,
         "cases": {name: dict(config=CASES[name][0], latent=CASES[name][1], batch=CASES[name][2],
                              condition_length=CASES[name][3]) for name in cases},
         "results": rows,
