@@ -94,6 +94,14 @@ def _text_rope_tuple(length: int, head_dim: int, theta: float, style: str, devic
         return (*tables, pairing)
 
 
+def _output_head(table: torch.Tensor, norm: nn.Module, proj: nn.Linear, h: torch.Tensor,
+                 temb: torch.Tensor) -> torch.Tensor:
+    """A modality's output projection of its normed states, shifted and scaled by its table plus
+    the timestep embedding."""
+    shift, scale = (table + temb.float()[:, None]).chunk(2, dim=1)
+    return proj(torch.addcmul(shift, norm(h), 1 + scale).to(compute_dtype(proj, h.device.type)))
+
+
 def _cat_tokens(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate streams along the tokens; a lone stream is passed through (no copy)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -145,14 +153,11 @@ class UniViGUBlock(nn.Module):
         return _cat_tokens([(attn.to_q if kind == "video" else text_to_q)(x)
                             for x, (_, _, kind) in zip(parts, streams)])
 
-    def _compute_dtype(self, h: torch.Tensor) -> torch.dtype:
-        return compute_dtype(self.attn1.to_q, h.device.type)
-
     def _modulated_inputs(self, streams):
         """(per-stream modulations, 6 chunks each; per-stream normed and modulated self-attention
         inputs in the compute dtype)."""
         mods = [(self.scale_shift_table + mod.float()).chunk(6, dim=1) for _, mod, _ in streams]
-        low = self._compute_dtype(streams[0][0])
+        low = compute_dtype(self.attn1.to_q, streams[0][0].device.type)
         # addcmul: the modulations and gated residuals in one pass each (mul then add is two).
         normed = [torch.addcmul(m[0], self.norm1(h), 1 + m[1]).to(low) for (h, _, _), m in zip(streams, mods)]
         return mods, normed
@@ -182,6 +187,7 @@ class UniViGUBlock(nn.Module):
             (new hidden states per stream, (keys, values) of the processed tokens).
         """
         mods, normed = self._modulated_inputs(streams)
+        low = normed[0].dtype  # the compute dtype
         sizes = [h.shape[1] for h, _, _ in streams]
         x = _cat_tokens(normed)
         q = self.attn1.project_q(x, rope, self._query_linear(normed, streams, self.attn1, "text_to_q1"))
@@ -196,7 +202,6 @@ class UniViGUBlock(nn.Module):
 
         x = _cat_tokens(hidden)
         ck, cv = context_kv if context_kv is not None else self.attn2.project_kv(context)
-        low = self._compute_dtype(x)
         y = self.norm2(x).to(low)
         linear = self._query_linear(list(y.split(sizes, dim=1)), streams, self.attn2, "text_to_q2")
         x = x + self.attn2.attend(self.attn2.project_q(y, linear=linear), ck, cv)
@@ -404,8 +409,7 @@ class UniViGUTransformer(nn.Module):
         return ht, temb, mod, rope
 
     def _video_head(self, hv, temb, grid, batch):
-        shift, scale = (self.scale_shift_table + temb.float()[:, None]).chunk(2, dim=1)
-        x = self.proj_out(torch.addcmul(shift, self.norm_out(hv), 1 + scale).to(compute_dtype(self.proj_out, hv.device.type)))
+        x = _output_head(self.scale_shift_table, self.norm_out, self.proj_out, hv, temb)
         cfg = self.config
         pt, ph, pw = cfg.patch_size
         f, h, w = grid
@@ -422,9 +426,7 @@ class UniViGUTransformer(nn.Module):
 
     def _text_head(self, ht, temb):
         ts = self.text_stream
-        shift, scale = (ts.scale_shift_table + temb.float()[:, None]).chunk(2, dim=1)
-        low = compute_dtype(ts.proj_out, ht.device.type)
-        return ts.proj_out(torch.addcmul(shift, ts.norm_out(ht), 1 + scale).to(low)).float()
+        return _output_head(ts.scale_shift_table, ts.norm_out, ts.proj_out, ht, temb).float()
 
     def _run_blocks(self, streams, context, rope, mask, prefix=None, store: ModalityCache | None = None,
                     context_kv: list | None = None, video_text: torch.Tensor | None = None):
