@@ -473,9 +473,21 @@ def _categorical(log_weights: torch.Tensor, uniforms: torch.Tensor, temperature:
 def _categorical_block(log_weights, uniforms, temperature, confidence):
     """`_categorical` for rows [m, V]."""
     peak = log_weights.amax(dim=-1, keepdim=True).to(torch.float64)  # exact in any dtype
+    total = None  # of the weights exp((x - max) / T) the draw used
     if temperature == 0:
-        idx = log_weights.argmax(dim=-1)  # its weight is exp(0) = 1
-        return idx, (torch.exp(log_weights - peak).sum(dim=-1).reciprocal() if confidence else None)
+        idx = log_weights.argmax(dim=-1)
+    else:
+        idx, total = _inverse_cdf(log_weights, peak, uniforms, temperature)
+    if not confidence:
+        return idx, None
+    if temperature != 1:  # the untempered probability: its own total
+        total = torch.exp(log_weights - peak).sum(dim=-1)
+    chosen = torch.exp(log_weights.gather(-1, idx.unsqueeze(-1)).to(torch.float64) - peak).squeeze(-1)
+    return idx, chosen / total
+
+
+def _inverse_cdf(log_weights, peak, uniforms, temperature):
+    """(ids drawn by inverting the CDF of exp((x - max) / T), the total weight) for rows [m, V]."""
     weights = torch.sub(log_weights, peak)  # float64
     if temperature != 1:
         weights.div_(temperature)
@@ -490,12 +502,7 @@ def _categorical_block(log_weights, uniforms, temperature, confidence):
         rises = torch.diff(cdf, dim=-1, prepend=torch.zeros_like(cdf[..., :1])) > 0
         last_with_mass = cdf.shape[-1] - 1 - rises.flip(-1).to(torch.int8).argmax(dim=-1)
         idx = torch.where(past_end, last_with_mass, idx)
-    if not confidence:
-        return idx, None
-    chosen = torch.exp(log_weights.gather(-1, idx.unsqueeze(-1)).to(torch.float64) - peak).squeeze(-1)
-    if temperature == 1:
-        return idx, chosen / total
-    return idx, chosen / torch.exp(log_weights - peak).sum(dim=-1)
+    return idx, total
 
 
 def sample_categorical(log_probs: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
