@@ -32,7 +32,7 @@ SAMPLER = SamplerConfig(video_steps=3, video_solver="dpmpp2m", shift=3.0, guidan
 @functools.lru_cache(maxsize=None)
 def prompt_encoder():
     """The MiniLM encoder of the tiny model, loaded once per session (kept alive here, so every
-    pipeline built in the session reuses it through `shared_prompt_encoder`)."""
+    pipeline built in the test run reuses it through `shared_prompt_encoder`)."""
     return shared_prompt_encoder(ENCODER_CONFIG, "cpu")
 
 

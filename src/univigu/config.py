@@ -71,14 +71,14 @@ class TransformerConfig:
     attention_policy: Literal["full", "clean_isolated"] = "clean_isolated"
     # A learned per-head, per-block logit bias that video queries add to text keys in the joint
     # self-attention, starting at this value (ours; None = no bias, as in the published model).
-    # New text tokens dilute the pretrained video's attention: a unified model grown from the shipped
-    # generator scored 14% T2V all-correct before any training against the generator's 52% (issue 9
-    # notes). A large negative start hides them, so the prior is kept, and training can open the path.
+    # New text tokens dilute the pretrained video's attention (a model grown from the shipped
+    # generator lost most of its T2V accuracy before any training; docs/EXPERIMENTS.md). A large
+    # negative start hides them, so the prior is kept, and training can open the path.
     text_key_bias: float | None = None
     # Text tokens form their attention queries (self- and cross-attention) with their own linear
     # projections, copies of the shared `to_q` at unification (ours; the published model shares
     # them). Frozen shared queries left a text token's attention over the video and the prompt near
-    # uniform (issue 9 notes). Keys, values and the video's queries stay shared: the model starts
+    # uniform (docs/EXPERIMENTS.md). Keys, values and the video's queries stay shared: the model starts
     # as the one without them, and a video with no text computes what the generator did.
     text_query_projection: bool = False
     # What the video head predicts. Wan predicts the velocity. "sample" predicts the clean latents

@@ -27,12 +27,9 @@ EXAMPLE = """example:
 
 
 # Steps of the two unified stages: the 10-minute budget on a 2-core CPU holds about 2200 steps of
-# batch 8 (the preset's) beside the evaluation (509 s measured); 2000 leaves room for a slower one.
-# Understanding is update-bound (issue 9 notes: at batch 16, V2T shape on 64 validation videos read
-# 20% -> 36% -> 45% -> 55% after 1000/1500/2000/2500 refinement steps, and 2200 x 8 beat 1050 x 16
-# on the same 100 test videos). At this budget refinement steps pay more than recall steps: on the
-# same 100 test videos with the session-5 preset, KR 50 + CR 1050 gave V2T all-correct 24% and joint
-# 29%, KR 200 + CR 900 10% and 16%.
+# batch 8 (the preset's) beside the evaluation; 2000 leaves room for a slower machine.
+# Understanding is update-bound, and at this budget refinement steps pay more than recall steps
+# (docs/EXPERIMENTS.md, "The unified recipe").
 KR_STEPS, CR_STEPS = 50, 2000
 # The shipped generator's second run, continued from the preset's on new videos (motion needed the
 # steps: its validation motion went 38% -> 100%); `--from-scratch` repeats both runs.
