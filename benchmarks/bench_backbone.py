@@ -17,7 +17,9 @@ bf16 matmuls, so bf16 autocast there is several times slower than fp32 for both 
     python benchmarks/bench_backbone.py --compile  # every block of both models under torch.compile
     git worktree add /tmp/base <commit>            # then time that checkout's model in the same run:
     python benchmarks/bench_backbone.py --baseline /tmp/base/src
-Writes benchmarks/results/backbone_speed.json.
+Writes benchmarks/results/backbone_speed.json on a CPU (backbone_speed_compiled.json with
+`--compile`, backbone_speed_baseline.json with `--baseline`), benchmarks/results/gpu/backbone_speed.json
+on a GPU; `--out` overrides. The JSON starts with a "provenance" block (machine, date, commit, command).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import platform
 import statistics
 import sys
@@ -37,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))  # a GPU machine without the package installed
-from common import compile_blocks, forward_flops, training_step_flops  # noqa: E402
+from common import RESULTS_DIR, compile_blocks, forward_flops, training_step_flops, write_json  # noqa: E402
 
 from univigu.config import TransformerConfig  # noqa: E402
 from univigu.models.convert import config_to_diffusers  # noqa: E402
@@ -221,8 +222,13 @@ def main(argv=None):
     parser.add_argument("--baseline", default=None, metavar="SRC",
                         help="another checkout's src/ directory: its model is timed in the same run, "
                              "interleaved with ours and diffusers' (did a change make ours faster?)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "backbone_speed.json"))
+    parser.add_argument("--out", default=None,
+                        help="default: benchmarks/results/backbone_speed[_compiled][_baseline].json, "
+                             "under results/gpu/ on a GPU")
     args = parser.parse_args(argv)
+    if args.out is None:
+        name = "backbone_speed" + ("_compiled" if args.compile else "") + ("_baseline" if args.baseline else "")
+        args.out = str(RESULTS_DIR / ("gpu" if args.device.startswith("cuda") else "") / f"{name}.json")
     repeats = args.repeats or (5 if args.quick else 11)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     if repeats < 5:
@@ -250,10 +256,7 @@ def main(argv=None):
                              condition_length=CASES[name][3]) for name in cases},
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, result)}")
 
 
 if __name__ == "__main__":

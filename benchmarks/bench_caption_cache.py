@@ -12,14 +12,16 @@ vocabulary head), caching can at best save::
     bound = S (N f_v + L f_t) / (N f_v + S L f_t)
 
 (`common.cache_speedup_bound`; f_v and f_t from `common.per_token_flops` at the joint sequence
-length). Target (issue 10): the measured speed-up reaches >= 80% of the bound at video:text token
+length). Target: the measured speed-up reaches >= 80% of the bound at video:text token
 ratios 8, 32 and 128. For reference, the uncached path is also timed under the `full` policy (no
 isolation mask; what the published model runs), with the same weights.
 
     python benchmarks/bench_caption_cache.py            # ratios 8, 32, 128 at batch 1 and 8
     python benchmarks/bench_caption_cache.py --quick    # fewer repetitions
     python benchmarks/bench_caption_cache.py --model small --batches 1   # a real-size vocabulary
-Writes benchmarks/results/caption_cache.json (caption_cache_small.json with --model small).
+Writes benchmarks/results/caption_cache.json: caption_cache_<model>.json for `--model small` or
+`wide`, with `_batch<B>` added when `--batches` is one size other than 1 (caption_cache_small_batch8.json
+for `--model small --batches 8`); `--out` overrides. The JSON starts with a "provenance" block.
 """
 
 from __future__ import annotations
@@ -221,10 +223,13 @@ def main(argv=None):
                         help="batches at which the uncached path is also timed under the 'full' policy")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None,
-                        help="default: benchmarks/results/caption_cache.json (caption_cache_<model>.json for the others)")
+                        help="default: benchmarks/results/caption_cache[_<model>][_batch<B>].json")
     args = parser.parse_args(argv)
     if args.out is None:
-        args.out = str(RESULTS_DIR / ("caption_cache.json" if args.model == "tiny" else f"caption_cache_{args.model}.json"))
+        name = "caption_cache" + ("" if args.model == "tiny" else f"_{args.model}")
+        if len(args.batches) == 1 and args.batches[0] != 1:
+            name += f"_batch{args.batches[0]}"
+        args.out = str(RESULTS_DIR / f"{name}.json")
     repeats = args.repeats or (5 if args.quick else 7)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if repeats < 5:

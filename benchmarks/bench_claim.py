@@ -1,4 +1,4 @@
-"""The generation-centric claim at equal compute (issue 10, item 5).
+"""The generation-centric claim at equal compute.
 
 Every variant trains the same transformer (the shipped generator's shape plus the text stream) for
 the same number of optimizer steps of the same batch, from the unified preset
@@ -14,20 +14,23 @@ ShapesWorld videos with the exact oracle (V2T attribute accuracy of the sampled 
 
 Each variant and step budget is a run directory under `--out` (`grown-600steps`, ...); a finished
 run is read back instead of retrained, and an interrupted one resumes from its last checkpoint
-(`--save_every`), so the benchmark can be split across sessions; `--report_only` writes the results
+(`--save_every`), so the benchmark can be split across several invocations; `--report_only` writes the results
 logged so far without training. Writes benchmarks/results/claim.json (per variant: the
 validation metrics at every evaluation, keyed by total steps) and claim.png (V2T all-correct and
-shape and motion accuracy against steps) when matplotlib is importable. Run again with the
-same settings, it only re-reads the finished runs (to re-plot, or to add variants).
+shape and motion accuracy against steps) when matplotlib is importable; `--result` names another
+file (the PNG follows it). The JSON starts with a "provenance" block (machine, date, commit,
+command). Run again with the same settings, it only re-reads the finished runs (to re-plot, or to
+add variants).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_claim.py --steps 600 --kr_steps 50 --variants grown scratch
 
-The committed results (claim.json, claim_2000.json) were measured with the session-5 preset; to
+The committed results claim.json and claim_2000.json were measured with an earlier unified preset
+(batch 16, no text query projections, joint_unconditional 0.3; commits a72af2f and e34c298); to
 train those runs again, add its settings as overrides:
     train.batch_size=16 model.text_query_projection=false train.mixture.joint_unconditional=0.3
-claim_session7.json used the session-7 preset with `sampler.temperature=1.0` (its validations sample
-text at temperature 1; the preset now commits text at temperature 0); benchmarks/README.md gives the
-final models' evaluation at temperature 0.
+claim_equal_compute_one_caption.json used the preset of commit a759220, whose validations sample
+text at temperature 1 (the preset now commits text at temperature 0); claim_equal_compute.json is
+the preset with caption verification. docs/EXPERIMENTS.md gives the final models' evaluations.
 """
 
 from __future__ import annotations

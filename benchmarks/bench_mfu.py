@@ -11,20 +11,22 @@ both alike::
     efficiency = (step FLOPs / step seconds) / (2 n^3 / matmul seconds)
 
 Ours (`UniViGUTransformer`, vocab_size=0) and diffusers' `WanTransformer3DModel` hold identical
-weights and alternate (ours first on even repetitions). Issue 10's target: ours >= 0.35 (stretch
+weights and alternate (ours first on even repetitions). The target: ours >= 0.35 (stretch
 0.40), where diffusers reached about 0.28 on an AVX-512 machine. `--precision fp32` (default) runs
 the step and the peak matmul in fp32; `--precision bf16` runs the step under bf16 autocast (fp32
-weights, as a training run does) against a bf16 matmul: the issue's own measure, meaningful only
+weights, as a training run does) against a bf16 matmul: the target's own measure, meaningful only
 where bf16 is native. One bf16 matmul is timed against fp32 to record whether it is (on an
 AVX2-only CPU bf16 is emulated and far slower, so a bf16 efficiency would say nothing).
 `--compile` compiles every transformer block of both models in place (`train.compile` in our
 trainer; torchtitan's per-block compile), after which the first steps are warm-up.
 
     python benchmarks/bench_mfu.py                  # fp32, median of 7 after 2 warm-ups
-    python benchmarks/bench_mfu.py --precision bf16 --out benchmarks/results/mfu_bf16.json
-    python benchmarks/bench_mfu.py --precision bf16 --compile --out benchmarks/results/mfu_bf16_compiled.json
+    python benchmarks/bench_mfu.py --precision bf16             # writes results/mfu_bf16.json
+    python benchmarks/bench_mfu.py --precision bf16 --compile   # writes results/mfu_bf16_compiled.json
     python benchmarks/bench_mfu.py --profile        # also where ours spends a step (top ops)
-Writes benchmarks/results/mfu.json.
+Writes benchmarks/results/mfu.json (fp32), mfu_bf16.json (bf16), with `_compiled` added under
+`--compile`; `--out` overrides. The JSON starts with a "provenance" block (machine, date, commit,
+command).
 """
 
 from __future__ import annotations
@@ -153,8 +155,11 @@ def main(argv=None):
                         help="the step (bf16: autocast) and the peak matmul's dtype (default fp32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every block of both models")
     parser.add_argument("--profile", action="store_true", help="profile one step of each model")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "mfu.json"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/mfu[_bf16][_compiled].json")
     args = parser.parse_args(argv)
+    if args.out is None:
+        name = "mfu" + ("_bf16" if args.precision == "bf16" else "") + ("_compiled" if args.compile else "")
+        args.out = str(RESULTS_DIR / f"{name}.json")
     if args.repeats < 5:
         parser.error("--repeats must be >= 5 (the median of fewer says little)")
     if args.threads:

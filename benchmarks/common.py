@@ -9,10 +9,14 @@ checks them against `FlopCounterMode` on our model and on diffusers' `WanTransfo
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -129,7 +133,7 @@ def training_step_flops(config: TransformerConfig, batch: int, n_video: int, n_t
 
 
 def cache_speedup_bound(steps: int, n_video: int, n_text: int, f_video: float, f_text: float) -> float:
-    """Issue 10's bound on the speed-up of V2T from caching the clean video.
+    """The bound on the speed-up of V2T from caching the clean video.
 
     Recomputing the joint sequence costs S (N f_v + L f_t); the cache costs one prefill of the video
     (N f_v) and S steps of the text alone (S L f_t)::
@@ -231,10 +235,44 @@ def load_average() -> list[float] | None:
         return None
 
 
+def git_commit() -> str:
+    """The checkout's `git rev-parse HEAD` (with "-dirty" when tracked files differ), or "unknown"."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "") if head else "unknown"
+
+
+def machine_summary() -> str:
+    """One line naming the machine: the GPU when there is one, else the CPU, its ISA and cores."""
+    cpu = f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} logical CPUs"
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (host: {cpu})"
+    return cpu
+
+
+def provenance() -> dict:
+    """Where a result comes from: machine, date (UTC), commit and the command line that made it."""
+    return {
+        "machine": machine_summary(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+    }
+
+
 def write_json(path: str | Path, payload: dict) -> Path:
-    """Write `payload` as indented JSON (atomically: a reader never sees half a file)."""
+    """Write `payload` as indented JSON (atomically: a reader never sees half a file), with a
+    top-level "provenance" block (`provenance()`) first unless the payload brings its own."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(payload, dict) and "provenance" not in payload:
+        payload = {"provenance": provenance(), **payload}
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import RESULTS_DIR, machine_info, write_json
+from common import RESULTS_DIR, machine_info, provenance, write_json
 from univigu.data.shapesworld import SHAPES
 from univigu.flow.paths import RectifiedFlowPath
 from univigu.models.bundle import load_bundle
@@ -191,6 +191,7 @@ def main() -> None:
         entry["attention"] = attention(bundle, args)
     path = Path(args.result)
     results = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    results["provenance"] = entry["provenance"] = provenance()  # the file's latest invocation, and this entry's
     results["machine"] = machine_info()
     results["models"].setdefault(args.model, {}).update(entry)
     write_json(path, results)
