@@ -1,23 +1,31 @@
-"""The published Uni-ViGU checkpoint as the released training code saves it, with its tokenizer.
+"""The published Uni-ViGU checkpoint as a user has it, converted and run with no extra flags.
 
-The released model registers its text RoPE's frequencies as a persistent buffer, so its
-`state_dict()` carries `rotary_emb_text.inv_freq` (reference notes, section 12) beside the weights.
-Its text stream uses Wan's UMT5 tokenizer: SentencePiece pieces, no BOS, sentinel tokens added
-after the pieces.
+The fixture lays out what the release needs, tiny and random: a diffusers Wan2.1 pipeline folder
+(transformer/, vae/, text_encoder/, tokenizer/) whose tokenizer is T5's kind (SentencePiece
+pieces, no BOS, sentinel tokens added after the pieces), and a `.pth` saved the way the released
+training code saves it: `{"model": ..., "step": ..., "optimizer": ...}`, FSDP / compile prefixes,
+and the text RoPE's persistent buffer `rotary_emb_text.inv_freq` (reference notes, section 12).
 """
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from test_published_checkpoint import (HEADS, D, L, assert_matches_reference, published_shapes, random_state,
                                        wrap_prefixes)
 
+from univigu.cli import main
+from univigu.data.video_io import read_video, write_video
 from univigu.models.published import TEXT_ROPE_BUFFER, PublishedCheckpointError, load_published_univigu
 from univigu.models.text import TextTokenizer, TokenizerError
 
+WIDTH, WAN_HEADS, LAYERS, LATENT, UMT5_DIM = 32, 2, 2, 4, 32
 PIECES = "▁a ▁the ▁small ▁large ▁red ▁blue ▁green ▁cir cle ▁square ▁star ▁moves ▁up ▁down ▁left ▁right ▁ ,".split()
 SENTINELS = [f"<extra_id_{i}>" for i in range(4)]
+PROMPT = "a small red circle moves left"
 
 
 def inv_freq(head_dim: int, theta: float = 10000.0, dtype=torch.float32) -> torch.Tensor:
@@ -37,6 +45,143 @@ def t5_like_tokenizer():
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tok.add_special_tokens(["<pad>", "</s>", "<unk>"] + SENTINELS)
     return tok
+
+
+def published_name(key: str) -> str:
+    """diffusers Wan name -> the released model's name (reference section 12)."""
+    for ours, theirs in [("condition_embedder.time_embedder.", "time_embedding_v.time_embedder."),
+                         ("condition_embedder.time_proj.", "time_embedding_v.time_proj."),
+                         ("condition_embedder.text_embedder.", "cond_text_embedder."),
+                         ("norm_out.", "video_head.norm_out."), ("proj_out.", "video_head.proj_out.")]:
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return "scale_shift_table_v" if key == "scale_shift_table" else key
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    root = tmp_path_factory.mktemp("release")
+    wan_dir = root / "Wan2.1-T2V-1.3B-Diffusers"
+    tok = t5_like_tokenizer()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                            additional_special_tokens=SENTINELS).save_pretrained(str(wan_dir / "tokenizer"))
+    torch.manual_seed(0)
+    UMT5EncoderModel(UMT5Config(vocab_size=tok.get_vocab_size(), d_model=UMT5_DIM, d_kv=8, d_ff=64, num_layers=1,
+                                num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0)
+                     ).save_pretrained(str(wan_dir / "text_encoder"))
+    AutoencoderKLWan(base_dim=3, z_dim=LATENT, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                     temperal_downsample=[False, True, True]).save_pretrained(str(wan_dir / "vae"))
+    wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=WAN_HEADS,
+                                attention_head_dim=WIDTH // WAN_HEADS, in_channels=LATENT, out_channels=LATENT,
+                                text_dim=UMT5_DIM, freq_dim=16, ffn_dim=48, num_layers=LAYERS, rope_max_seq_len=64)
+    wan.save_pretrained(str(wan_dir / "transformer"))
+    (wan_dir / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+
+    # The released model's vocabulary is the SentencePiece pieces, without the sentinels.
+    vocab = 3 + len(PIECES)
+    g = torch.Generator().manual_seed(1)
+    state = {published_name(k): v.detach().clone() for k, v in wan.state_dict().items()}
+    for key in list(state):
+        if key.startswith("time_embedding_v.") or ".ffn." in key:
+            copy = key.replace("time_embedding_v.", "time_embedding_t.").replace(".ffn.", ".ffn_t.")
+            state[copy] = state[key] + 0.01 * torch.randn(state[key].shape, generator=g)
+    state |= {"scale_shift_table_t": state["scale_shift_table_v"].clone(),
+              "vocab_embed.weight": torch.randn(vocab, WIDTH, generator=g),
+              "text_head.norm_final.weight": torch.ones(WIDTH),
+              "text_head.linear.weight": 0.1 * torch.randn(vocab, WIDTH, generator=g),
+              "text_head.linear.bias": torch.zeros(vocab),
+              TEXT_ROPE_BUFFER: inv_freq(WIDTH // WAN_HEADS)}
+    checkpoint = root / "step-00068000.pth"
+    torch.save({"model": {"_orig_mod." + k: v for k, v in state.items()}, "step": 68000,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 5e-5}]}}, checkpoint)
+    return wan_dir, checkpoint, state, vocab
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --------------------------------------------------------------------------------------------
+# The whole path: convert, then every task
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_released_checkpoint_converts_and_runs_every_task_with_its_defaults(release, tmp_path, monkeypatch,
+                                                                                 capsys):
+    wan_dir, checkpoint, state, vocab = release
+    out = tmp_path / "uni-vigu"
+    # Only the stored video size and step count are made small (the released 832x480x81 at 50
+    # steps is a GPU job); everything else is what convert picks for the published model.
+    code, stdout, err = run(capsys, "convert", "--univigu_checkpoint", checkpoint, "--wan_base", wan_dir,
+                            "--out", out, "--size", "32*32", "--frame_num", 5, "--sample_steps", 2)
+    assert code == 0, err
+    assert "unified" in stdout
+
+    from univigu.models.transformer import UniViGUTransformer
+
+    model = UniViGUTransformer.from_pretrained(out / "transformer")
+    assert (model.config.num_attention_heads, model.config.text_rope_theta) == (WAN_HEADS, 10000.0)
+    assert torch.equal(model.state_dict()["text_stream.token_embedding.weight"], state["vocab_embed.weight"])
+    # The released inference's samplers: Euler video steps on a shift-3 grid, guidance 5, and the
+    # discrete Euler solver for uniform-source text.
+    sampler = json.loads((out / "sampler.json").read_text())
+    assert {k: sampler[k] for k in ("video_solver", "shift", "guidance_scale", "text_sampler", "text_steps")} == \
+        {"video_solver": "euler", "shift": 3.0, "guidance_scale": 5.0, "text_sampler": "euler", "text_steps": 50}
+    # The text stream keeps the checkpoint's vocabulary: the sentinels past it are left out.
+    tokenizer = TextTokenizer.load(out / "tokenizer")
+    assert tokenizer.vocab_size == vocab and tokenizer.bos_id is None
+
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run(capsys, "generate", "--prompt", PROMPT, "--ckpt_dir", out, "--with_caption",
+                            "--no-progress")
+    assert code == 0, err
+    video = tmp_path / stdout.splitlines()[0].removeprefix("video: ")
+    assert read_video(video).shape == (5, 32, 32, 3)
+    captions = [line.split(": ", 1)[1] for line in stdout.splitlines() if line.startswith("caption: ")]
+
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
+    code, stdout, err = run(capsys, "caption", clip, "--ckpt_dir", out, "--no-progress")
+    assert code == 0, err
+    captions.append(stdout.strip())
+
+    code, stdout, err = run(capsys, "joint", "--prompt", PROMPT, "--ckpt_dir", out, "--no-progress")
+    assert code == 0, err
+    captions += [line.split(": ", 1)[1] for line in stdout.splitlines() if line.startswith("caption: ")]
+    assert len(captions) == 3
+    for caption in captions:  # SentencePiece pieces rejoined into words, not shown as "▁the ▁cir cle"
+        assert "▁" not in caption and caption == caption.strip()
+
+
+def test_a_tokenizer_with_ordinary_words_past_the_checkpoint_vocabulary_is_one_clear_error(release, tmp_path,
+                                                                                             capsys):
+    wan_dir, checkpoint, _, vocab = release
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(wan_dir / "tokenizer" / "tokenizer.json"))
+    tok.add_tokens(["zebra"])  # an ordinary word the checkpoint's embedding has no row for
+    tok.save(str(tmp_path / "tokenizer.json"))
+    code, _, err = run(capsys, "convert", "--univigu_checkpoint", checkpoint, "--wan_base", wan_dir,
+                       "--tokenizer", tmp_path / "tokenizer.json", "--out", tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert "zebra" in lines[0] and f"only {vocab}" in lines[0]
+
+
+def test_a_wrong_rope_buffer_stops_convert_with_one_line(release, tmp_path, capsys):
+    wan_dir, _, state, _ = release
+    wrong = {**state, TEXT_ROPE_BUFFER: inv_freq(WIDTH // WAN_HEADS)[:-1]}  # one frequency short
+    torch.save({"model": wrong, "step": 1}, tmp_path / "wrong.pth")
+    code, _, err = run(capsys, "convert", "--univigu_checkpoint", tmp_path / "wrong.pth", "--wan_base", wan_dir,
+                       "--out", tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert TEXT_ROPE_BUFFER in lines[0] and "[7]" in lines[0] and "head dim 16" in lines[0]
 
 
 # --------------------------------------------------------------------------------------------

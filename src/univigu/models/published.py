@@ -307,6 +307,10 @@ def published_settings(masked: bool = False) -> dict:
         "codec": {"kind": "wan_vae", "normalize": False},  # it fed raw VAE latents
         "prompt_encoder": {"kind": "umt5", "condition_length": 512, "null_condition": "zeros"},
         "flow": {"text_source": "mask" if masked else "uniform", "kappa_exponent": 1.0},
+        # The released inference: Euler on a shift-3 grid with video guidance 5, and the discrete
+        # Euler solver for text (the confidence sampler needs the mask source).
+        "sampler": {"video_solver": "euler", "video_steps": 50, "shift": 3.0, "guidance_scale": 5.0,
+                    "text_sampler": "euler", "text_steps": 50},
     }
 
 
