@@ -339,8 +339,9 @@ def load_published_univigu(checkpoint_path: str | Path, wan_base_dir: str | Path
             saved text RoPE buffer spans, else width / 128).
 
     Returns:
-        (model, settings): `settings` holds `codec` / `prompt_encoder` / `flow` config sections for
-        the pipeline and a `checkpoint` section (path, training step, which keys came from the base).
+        (model, settings): `settings` holds `codec` / `prompt_encoder` / `flow` / `sampler` config
+        sections for the pipeline and a `checkpoint` section (path, training step, which keys came
+        from the base, whether the text RoPE buffer was there).
     """
     source = str(checkpoint_path)
     if not isinstance(text_length, int) or text_length <= 0:
