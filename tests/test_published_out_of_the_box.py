@@ -3,7 +3,7 @@
 The fixture lays out what the release needs, tiny and random: a diffusers Wan2.1 pipeline folder
 (transformer/, vae/, text_encoder/, tokenizer/) whose tokenizer is T5's kind (SentencePiece
 pieces, no BOS, sentinel tokens added after the pieces), and a `.pth` saved the way the released
-training code saves it: `{"model": ..., "step": ..., "optimizer": ...}`, FSDP / compile prefixes,
+training code saves it: `{"model": ..., "step": ..., "optimizer": ...}`, torch.compile prefixes,
 and the text RoPE's persistent buffer `rotary_emb_text.inv_freq` (reference notes, section 12).
 """
 
