@@ -37,7 +37,9 @@ examples:
 --config takes t2v-1.3B, t2v-14B or a JSON file with the original WanModel fields (dim, num_heads,
 ...) or ours. The VAE and UMT5 folders are recorded by path (keep them where they are); in a
 diffusers Wan pipeline folder they are found automatically. The published checkpoint needs the
-UMT5 tokenizer for its text stream (found in the text encoder / base folder, or --tokenizer).
+UMT5 tokenizer for its text stream (found in the text encoder / base folder, or --tokenizer), and
+gets the released inference's sampling defaults: Euler video steps on a shift-3 grid, guidance 5,
+the discrete Euler text sampler, 50 steps each (the --sample_* flags override the video ones).
 """
 
 # Wan2.1's released transformer configs (wan/configs/wan_t2v_*.py).
@@ -80,7 +82,8 @@ def register(subparsers) -> None:
     parser.add_argument("--text_length", type=int, default=256,
                         help="text canvas length of the published checkpoint (default 256)")
     parser.add_argument("--num_heads", type=int, default=None,
-                        help="published checkpoint without --wan_base: attention heads (default: width / 128)")
+                        help="published checkpoint without --wan_base: attention heads (default: from its text "
+                             "RoPE buffer, else width / 128)")
     parser.add_argument("--masked", action="store_true",
                         help="the published-format checkpoint was trained with a mask source (one extra id)")
     parser.add_argument("--condition_length", type=int, default=None,
@@ -243,6 +246,20 @@ def _find_tokenizer(args, *roots: Path | None):
                        "(the UMT5 tokenizer.json), or a --text_encoder_dir / --wan_base folder holding it")
 
 
+def _fit_tokenizer(tokenizer, vocab_size: int):
+    """The tokenizer limited to the text stream's vocabulary: the released model's vocabulary is
+    the SentencePiece pieces, without the sentinel tokens a UMT5 tokenizer.json adds after them."""
+    from univigu.models.text import TokenizerError
+
+    if tokenizer.vocab_size <= vocab_size:
+        return tokenizer
+    try:
+        return tokenizer.with_vocab_size(vocab_size)
+    except TokenizerError as err:
+        raise ConvertError(f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint's text stream only "
+                           f"{vocab_size}: {err}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------
@@ -269,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = None
     flow = FlowConfig()
     normalize, null_default = True, "empty"
+    sampler_defaults = {}
 
     if args.wan_dir is not None:
         root = _folder(args.wan_dir, "--wan_dir")
@@ -302,13 +320,11 @@ def run(args: argparse.Namespace) -> int:
         if encoder_dir is None:
             raise ConvertError("the published checkpoint is conditioned on UMT5: give --text_encoder_dir (or a "
                                "--wan_base pipeline folder with text_encoder/)")
-        tokenizer = _find_tokenizer(args, encoder_dir, base)
-        if tokenizer.vocab_size > transformer.config.vocab_size:
-            raise ConvertError(f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint's text stream "
-                               f"only {transformer.config.vocab_size}")
+        tokenizer = _fit_tokenizer(_find_tokenizer(args, encoder_dir, base), transformer.config.vocab_size)
         flow = from_dict(FlowConfig, {**to_dict(flow), **settings["flow"]})
         normalize = settings["codec"]["normalize"]
         null_default = settings["prompt_encoder"]["null_condition"]
+        sampler_defaults = settings["sampler"]
         source = f"published Uni-ViGU {args.univigu_checkpoint}"
 
     cfg = transformer.config
@@ -320,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
     world = {**to_dict(WorldConfig()), **(WAN_WORLD if wan_like else {})}
     world.update({k: v for k, v in (("width", width), ("height", height), ("frames", args.frame_num),
                                     ("fps", args.fps)) if v is not None})
-    sampler = {**to_dict(SamplerConfig()), **(WAN_SAMPLER if wan_like else {})}
+    sampler = {**to_dict(SamplerConfig()), **(WAN_SAMPLER if wan_like else {}), **sampler_defaults}
     sampler.update({k: v for k, v in (("video_steps", args.sample_steps), ("shift", args.sample_shift),
                                       ("video_solver", args.sample_solver),
                                       ("guidance_scale", args.sample_guide_scale)) if v is not None})

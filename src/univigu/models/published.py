@@ -3,8 +3,9 @@
 The released weights are a PyTorch pickle (`.pth`) holding `{"model": state_dict, "step": ..., ...}`
 with the module names of the released `WanUnifiedTransformer` (reference notes, section 12). This
 module reads it without executing pickle, strips FSDP / torch.compile prefixes, renames its keys to
-ours, optionally completes a partial checkpoint from a diffusers Wan base directory, and returns the
-model with the settings the rest of univigu needs to reproduce the released behaviour:
+ours, checks the saved text RoPE buffer against the config (ours has no such buffer), optionally
+completes a partial checkpoint from a diffusers Wan base directory, and returns the model with the
+settings the rest of univigu needs to reproduce the released behaviour:
 
 * the published model's quirks are our config options: uniform text source (no mask id), the `full`
   attention policy, 1D text RoPE in the rotate-half convention, text head LayerNorm eps 1e-5;
@@ -30,8 +31,14 @@ from .transformer import UniViGUTransformer
 
 #: Wrapper prefixes that FSDP and torch.compile insert into parameter names.
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_orig_mod.")
-#: Wan2.1's head width; used to infer the head count when no base config says otherwise.
+#: Wan2.1's head width; used to infer the head count when neither a base config nor the text
+#: RoPE buffer says otherwise.
 WAN_HEAD_DIM = 128
+#: The one buffer the released model saves: its text RoPE's frequencies 1 / theta^(2i/d) over the
+#: head dim d. Ours computes them from the config, so the buffer is checked and read for d and theta.
+TEXT_ROPE_BUFFER = "rotary_emb_text.inv_freq"
+#: The released text RoPE's base.
+TEXT_ROPE_THETA = 10000.0
 
 # Published top-level names -> ours (prefix rules); blocks are handled by `_BLOCK_RE`.
 _PREFIX_MAP = (
@@ -205,14 +212,42 @@ def _shape(state: Mapping[str, torch.Tensor], key: str, source: str) -> torch.Si
     return state[key].shape
 
 
+def text_rope_theta(inv_freq: torch.Tensor, head_dim: int, source: str = "checkpoint") -> float:
+    """The base theta of a saved text RoPE buffer, checked to be `1 / theta^(2i/d)` over `head_dim`.
+
+    The buffer may have been cast with the model (bf16), so it is compared at its own precision.
+    """
+    if inv_freq.ndim != 1 or 2 * inv_freq.numel() != head_dim:
+        raise PublishedCheckpointError(
+            f"{source}: {TEXT_ROPE_BUFFER} has shape {list(inv_freq.shape)}, but a text RoPE over the "
+            f"model's head dim {head_dim} has [{head_dim // 2}] (check num_attention_heads)")
+    freqs = inv_freq.double()
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    candidates = [TEXT_ROPE_THETA]
+    if bool((freqs > 0).all()) and freqs.numel() > 1:
+        # least squares through the origin: log f_i = -e_i log theta
+        fitted = math.exp(-float((exponents * freqs.log()).sum() / exponents.square().sum()))
+        candidates += [float(f"{fitted:.6g}"), fitted]
+    rtol = 8 * torch.finfo(inv_freq.dtype).eps if inv_freq.is_floating_point() else 0.0
+    for theta in candidates:
+        expected = (1.0 / theta ** exponents).to(inv_freq.dtype).double()
+        if torch.allclose(freqs, expected, rtol=rtol, atol=0.0):
+            return theta
+    raise PublishedCheckpointError(
+        f"{source}: {TEXT_ROPE_BUFFER} is not 1 / theta^(2i/{head_dim}) for any theta (starts "
+        f"{[round(v, 6) for v in freqs[:3].tolist()]}), so it is not the released text RoPE")
+
+
 def published_config(state: Mapping[str, torch.Tensor], text_length: int, masked: bool = False,
                      video_config: TransformerConfig | None = None,
-                     num_attention_heads: int | None = None, source: str = "checkpoint") -> TransformerConfig:
+                     num_attention_heads: int | None = None, source: str = "checkpoint",
+                     text_inv_freq: torch.Tensor | None = None) -> TransformerConfig:
     """Our TransformerConfig for a (renamed, complete) published state dict.
 
     Video fields come from `video_config` (the Wan base's config) when given, else from the tensor
-    shapes (heads: `num_attention_heads`, or width / 128 as in Wan2.1). Text fields always come
-    from the shapes, plus the published model's fixed choices.
+    shapes (heads: `num_attention_heads`, else the head dim the text RoPE buffer `text_inv_freq`
+    spans, else width / 128 as in Wan2.1). Text fields always come from the shapes, plus the
+    published model's fixed choices; the RoPE base comes from the buffer when there is one.
     """
     embed_rows, dim = _shape(state, "text_stream.token_embedding.weight", source)
     vocab = embed_rows - int(masked)
@@ -226,6 +261,9 @@ def published_config(state: Mapping[str, torch.Tensor], text_length: int, masked
         patch_weight = _shape(state, "patch_embedding.weight", source)
         patch = tuple(int(p) for p in patch_weight[2:])
         heads = num_attention_heads
+        if heads is None and text_inv_freq is not None and text_inv_freq.numel() \
+                and dim % (2 * text_inv_freq.numel()) == 0:
+            heads = dim // (2 * text_inv_freq.numel())
         if heads is None:
             if dim % WAN_HEAD_DIM:
                 raise PublishedCheckpointError(
@@ -250,10 +288,12 @@ def published_config(state: Mapping[str, torch.Tensor], text_length: int, masked
                  if k not in ("vocab_size", "mask_token", "text_length", "text_ffn_dim", "text_rope",
                               "text_rope_theta", "text_norm_eps", "attention_policy")}
     text_ffn = _shape(state, "blocks.0.text_ffn.net.0.proj.weight", source)[0]
+    theta = TEXT_ROPE_THETA if text_inv_freq is None else \
+        text_rope_theta(text_inv_freq, video["attention_head_dim"], source)
     data = {**to_dict(TransformerConfig()), **video,
             "vocab_size": vocab, "mask_token": masked, "text_length": text_length,
             "text_ffn_dim": None if text_ffn == video["ffn_dim"] else text_ffn,
-            "text_rope": "rotate_half", "text_rope_theta": 10000.0, "text_norm_eps": 1e-5,
+            "text_rope": "rotate_half", "text_rope_theta": theta, "text_norm_eps": 1e-5,
             "attention_policy": "full", "text_position_embedding": False}
     try:
         return from_dict(TransformerConfig, data)
@@ -267,6 +307,10 @@ def published_settings(masked: bool = False) -> dict:
         "codec": {"kind": "wan_vae", "normalize": False},  # it fed raw VAE latents
         "prompt_encoder": {"kind": "umt5", "condition_length": 512, "null_condition": "zeros"},
         "flow": {"text_source": "mask" if masked else "uniform", "kappa_exponent": 1.0},
+        # The released inference: Euler on a shift-3 grid with video guidance 5, and the discrete
+        # Euler solver for text (the confidence sampler needs the mask source).
+        "sampler": {"video_solver": "euler", "video_steps": 50, "shift": 3.0, "guidance_scale": 5.0,
+                    "text_sampler": "euler", "text_steps": 50},
     }
 
 
@@ -291,16 +335,19 @@ def load_published_univigu(checkpoint_path: str | Path, wan_base_dir: str | Path
             originals). When None, the checkpoint must be complete.
         text_length: the text canvas L (the released inference used 256 to 1024 tokens).
         masked: the checkpoint was trained with a mask source (one extra id); the released one was not.
-        num_attention_heads: head count when there is no base config (default: width / 128).
+        num_attention_heads: head count when there is no base config (default: the head dim the
+            saved text RoPE buffer spans, else width / 128).
 
     Returns:
-        (model, settings): `settings` holds `codec` / `prompt_encoder` / `flow` config sections for
-        the pipeline and a `checkpoint` section (path, training step, which keys came from the base).
+        (model, settings): `settings` holds `codec` / `prompt_encoder` / `flow` / `sampler` config
+        sections for the pipeline and a `checkpoint` section (path, training step, which keys came
+        from the base, whether the text RoPE buffer was there).
     """
     source = str(checkpoint_path)
     if not isinstance(text_length, int) or text_length <= 0:
         raise PublishedCheckpointError(f"text_length must be a positive integer, got {text_length!r}")
     published, metadata = read_published_checkpoint(checkpoint_path)
+    inv_freq = published.pop(TEXT_ROPE_BUFFER, None)
     state, origin = rename_published(published)
 
     from_base: list[str] = []
@@ -312,7 +359,7 @@ def load_published_univigu(checkpoint_path: str | Path, wan_base_dir: str | Path
         state = {**{k: base[k] for k in from_base}, **state}
         filled = _fill_text_copies(state, base)
 
-    config = published_config(state, text_length, masked, video_config, num_attention_heads, source)
+    config = published_config(state, text_length, masked, video_config, num_attention_heads, source, inv_freq)
     if masked:
         # Our head never predicts the mask id (DESIGN: its logit is -inf), so its row is dropped.
         for key in ("text_stream.proj_out.weight", "text_stream.proj_out.bias"):
@@ -325,7 +372,8 @@ def load_published_univigu(checkpoint_path: str | Path, wan_base_dir: str | Path
 
     settings = published_settings(masked)
     settings["checkpoint"] = {"path": source, "step": metadata.get("step"), "from_base": from_base,
-                              "filled_from_wan_copies": filled, "mask_logit_dropped": masked}
+                              "filled_from_wan_copies": filled, "mask_logit_dropped": masked,
+                              "text_rope_buffer": inv_freq is not None}
     return model, settings
 
 

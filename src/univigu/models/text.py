@@ -331,8 +331,13 @@ class TextTokenizer:
       split on whitespace and punctuation), so small models do not pay a 30k-way head.
     """
 
-    def __init__(self, tokenizer, pad_token: str = PAD, bos_token: str = BOS,
-                 eos_token: str = EOS, unk_token: str | None = UNK, add_bos: bool = False):
+    def __init__(self, tokenizer, pad_token: str = PAD, bos_token: str | None = BOS,
+                 eos_token: str = EOS, unk_token: str | None = UNK, add_bos: bool = False,
+                 vocab_size: int | None = None):
+        """`vocab_size` keeps only the first ids (a model whose vocabulary ends before the
+        tokenizer's added special tokens, as UMT5's sentinels follow its SentencePiece pieces)."""
+        from tokenizers import decoders
+
         self.tokenizer = tokenizer
         # We build canvases ourselves.
         self.tokenizer.no_padding()
@@ -347,15 +352,31 @@ class TextTokenizer:
             if tid is None:
                 raise TokenizerError(f"{role} token {token!r} is not in the tokenizer vocabulary")
             ids[role] = tid
-        self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
-        self.unk_id = ids.get("unk")
-        if len({self.pad_id, self.bos_id, self.eos_id}) != 3:
-            raise TokenizerError("PAD, BOS and EOS must be three different tokens")
-        self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
-        # Every special token of the vocabulary (never drawn from the uniform source).
+        if add_bos and bos_token is None:
+            raise TokenizerError("add_bos needs a BOS token")
+        self.pad_id, self.eos_id = ids["pad"], ids["eos"]
+        self.bos_id, self.unk_id = ids.get("bos"), ids.get("unk")
+        framing = [i for i in (self.pad_id, self.bos_id, self.eos_id) if i is not None]
+        if len(set(framing)) != len(framing):
+            raise TokenizerError("PAD, BOS and EOS must be different tokens")
+        full_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
+        self.vocab_size = full_size if vocab_size is None else vocab_size
+        self.limited = vocab_size is not None
+        if not isinstance(self.vocab_size, int) or not 0 < self.vocab_size <= full_size:
+            raise TokenizerError(f"vocab_size must be an integer in [1, {full_size}], got {vocab_size!r}")
         added = tokenizer.get_added_tokens_decoder()
-        self.special_ids = sorted(set(ids.values()) | {i for i, t in added.items() if t.special})
+        ordinary = [i for i in range(self.vocab_size, full_size) if not (i in added and added[i].special)]
+        if ordinary:
+            raise TokenizerError(f"vocab_size {self.vocab_size} would drop ordinary tokens (id {ordinary[0]}: "
+                                 f"{tokenizer.id_to_token(ordinary[0])!r}); only added special tokens may lie past it")
+        if max(ids.values()) >= self.vocab_size:
+            raise TokenizerError(f"vocab_size {self.vocab_size} leaves out a PAD/BOS/EOS/UNK token")
+        # Every special token of the vocabulary (never drawn from the uniform source).
+        self.special_ids = sorted(set(ids.values()) | {i for i, t in added.items()
+                                                       if t.special and i < self.vocab_size})
         self._special_set = set(self.special_ids)
+        # SentencePiece vocabularies (T5's) mark word starts with "▁"; their own decoder rejoins pieces.
+        self._metaspace = isinstance(tokenizer.decoder, decoders.Metaspace)
 
     @property
     def mask_id(self) -> int:
@@ -428,7 +449,7 @@ class TextTokenizer:
         for key, names in candidates.items():
             if key not in tokens:
                 found = [n for n in names if tok.token_to_id(n) is not None]
-                if not found and key != "unk_token":
+                if not found and key not in ("bos_token", "unk_token"):  # T5's vocabulary has no BOS
                     raise TokenizerError(
                         f"{path}: cannot find a {key.split('_')[0].upper()} token "
                         f"(tried {', '.join(names)}); pass {key}=...")
@@ -442,6 +463,8 @@ class TextTokenizer:
         self.tokenizer.save(str(directory / TOKENIZER_FILE))
         meta = {f"{role}_token": t for role, t in self.tokens.items()}
         meta["add_bos"] = self.add_bos
+        if self.limited:
+            meta["vocab_size"] = self.vocab_size
         (directory / TOKENIZER_META).write_text(json.dumps(meta, indent=2))
         return directory
 
@@ -456,10 +479,20 @@ class TextTokenizer:
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         return cls.from_file(directory / TOKENIZER_FILE, **meta)
 
+    def with_vocab_size(self, vocab_size: int) -> "TextTokenizer":
+        """The same tokenizer keeping only ids below `vocab_size` (see `__init__`)."""
+        roles = {f"{role}_token": t for role, t in self.tokens.items()}
+        return TextTokenizer(self.tokenizer, add_bos=self.add_bos, vocab_size=vocab_size, **roles)
+
     # -- canvas ------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         """Token ids of one text, no specials."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        beyond = [i for i in ids if i >= self.vocab_size]
+        if beyond:
+            raise TokenizerError(f"{text[:60]!r} holds the token {self.tokenizer.id_to_token(beyond[0])!r}, "
+                                 f"which is past the model's {self.vocab_size}-word vocabulary")
+        return ids
 
     def encode(self, texts: Sequence[str], length: int, truncate: bool = False) -> torch.Tensor:
         """Texts -> LongTensor [B, length] canvases `[(BOS), tokens..., EOS, PAD, ...]`.
@@ -504,20 +537,27 @@ class TextTokenizer:
                 rows = [rows]
         texts = []
         for row in rows:
-            words: list[str] = []
+            kept: list[int] = []
             for i in row:
                 i = int(i)
                 if i == self.eos_id:
                     break
                 if i in self._special_set or i < 0 or i >= self.vocab_size:
                     continue
-                piece = self.tokenizer.id_to_token(i)
-                if piece.startswith("##") and words:  # WordPiece continuation
-                    words[-1] += piece[2:]
-                else:
-                    words.append(piece)
-            texts.append(join_tokens(words))
+                kept.append(i)
+            texts.append(self._join(kept))
         return texts
+
+    def _join(self, ids: list[int]) -> str:
+        if self._metaspace:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+        words: list[str] = []
+        for piece in map(self.tokenizer.id_to_token, ids):
+            if piece.startswith("##") and words:  # WordPiece continuation
+                words[-1] += piece[2:]
+            else:
+                words.append(piece)
+        return join_tokens(words)
 
     def __len__(self) -> int:
         return self.vocab_size
