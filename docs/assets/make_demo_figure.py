@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from univigu.data.shapesworld import make_samples, render
 from univigu.pipeline import UniViGUPipeline
 
-SCALE, GAP, TEXT_WIDTH, FONT_SIZE = 4, 6, 620, 15
+SCALE, GAP, TEXT_WIDTH, FONT_SIZE, WRAP = 4, 6, 560, 15, 66
 
 
 def draw_row(canvas: ImageDraw.ImageDraw, image: Image.Image, top: int, title: str, frames: np.ndarray,
@@ -30,6 +31,7 @@ def draw_row(canvas: ImageDraw.ImageDraw, image: Image.Image, top: int, title: s
         cell = Image.fromarray(frame).resize((frame.shape[1] * SCALE, frame.shape[0] * SCALE), Image.NEAREST)
         image.paste(cell, (left, top))
         left += cell.width + GAP
+    lines = [wrapped for line in lines for wrapped in textwrap.wrap(line, WRAP, subsequent_indent="    ")]
     for i, line in enumerate(lines):
         canvas.text((left + 2 * GAP, top + GAP + i * (FONT_SIZE + 6)), line, fill=(0, 0, 0), font=font)
 
