@@ -5,8 +5,8 @@ Rounding each partial sum of n terms costs up to eps * |partial|; in another ord
 They add like a random walk, so two orders typically differ by about sqrt(n) * eps * max|term|
 (n * eps in the worst case, which floating point almost never reaches). Through a network the
 error of each block's reductions is carried to the output at the output's own scale, so n counts
-every reduction on the longest path (see `network_terms`) and max|expected| stands in for
-max|term|. SAFETY covers the constant of the random walk and the network's gain: fixed, not
+every rounding on the longest path (a reduction of k terms: k; a chain of k operations: k; see
+`network_terms`) and max|expected| stands in for max|term|. SAFETY covers the constant of the random walk and the network's gain: fixed, not
 tuned per test. Which SIMD kernels run (AVX-512, AVX2) changes the order, never the bound. A real
 error stays outside it: tests/test_unified.py breaks one layer's cached keys by 1e-3 and the
 cached == uncached comparison fails.
