@@ -12,6 +12,10 @@ from univigu.models.attention import _SDPAWithExplicitBackward, attention, expli
 from univigu.models.transformer import UniViGUTransformer
 
 from backbone_helpers import randomize_, random_inputs, tiny_config
+from tolerances import assert_close_ordered, network_terms, ordered_tolerance
+
+# A norm-relative error of a sum: its norm grows as fast as its rounding, so one rounding's worth.
+BF16_RELATIVE = ordered_tolerance(1.0, terms=1, dtype=torch.bfloat16)
 
 
 def qkv(batch=2, heads=2, queries=7, keys=5, dim=4, dtype=torch.float64, seed=0):
@@ -51,7 +55,7 @@ def test_explicit_backward_passes_gradcheck(kind, piece_scores, monkeypatch):
     ours = torch.autograd.grad(_SDPAWithExplicitBackward.apply(q, k, v, mask), mask, grad_out)[0]
     reference = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), mask, grad_out)[0]
     finite = torch.isfinite(mask)
-    torch.testing.assert_close(ours[finite], reference[finite])
+    assert_close_ordered(ours[finite], reference[finite], terms=q.shape[-1] + k.shape[-2])  # scores, then keys
     assert torch.all(ours[~finite] == 0)
 
 
@@ -73,7 +77,7 @@ def test_bf16_output_is_sdpa_and_gradients_are_as_close_to_fp64_as_flash():
         assert o.dtype == torch.bfloat16
         error = float((o.double() - e).norm() / e.norm())
         flash_error = float((f.double() - e).norm() / e.norm())
-        assert error < max(2 * flash_error, 1e-2), (error, flash_error)
+        assert error < max(2 * flash_error, BF16_RELATIVE), (error, flash_error)
 
 
 def test_dispatch_takes_the_explicit_backward_only_where_it_pays():
@@ -109,8 +113,7 @@ def test_a_bf16_training_step_of_the_backbone_gets_the_same_gradients_either_way
     flash = gradients()
     assert len(calls) == 2 * config.num_layers
     for name, grad in flash.items():
-        rel = float((explicit[name] - grad).norm() / grad.norm().clamp_min(1e-12))
-        assert rel < 0.05, (name, rel)
+        assert_close_ordered(explicit[name], grad, terms=network_terms(config), dtype=torch.bfloat16, msg=name)
 
 
 def test_compiled_code_takes_the_explicit_backward_at_any_length_and_keeps_the_gradients():
@@ -125,4 +128,4 @@ def test_compiled_code_takes_the_explicit_backward_at_any_length_and_keeps_the_g
     wide = [x.detach().double().requires_grad_() for x in (q, k, v)]
     exact = torch.autograd.grad(F.scaled_dot_product_attention(*wide), wide, grad_out.double())
     for c, e in zip(compiled, exact):
-        assert float((c.double() - e).norm() / e.norm()) < 1e-2
+        assert float((c.double() - e).norm() / e.norm()) < BF16_RELATIVE

@@ -8,6 +8,7 @@ from scipy import integrate, stats
 
 from univigu.flow import paths as P
 from univigu.flow.paths import FlowError, MixtureTextPath, NoiseLevelSampler, RectifiedFlowPath
+from tolerances import assert_close_ordered
 
 
 def _gen(seed=0):
@@ -51,10 +52,11 @@ def test_shift_matches_diffusers_flow_match_scheduler():
     plain = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0).sigmas.double()
     shifted = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     sigmas = shifted.sigmas.double()
-    assert torch.allclose(P.shift_noise_level(plain, 3.0), sigmas, atol=1e-6)
-    assert torch.allclose(P.unshift_noise_level(sigmas, 3.0), plain, atol=1e-6)
+    # diffusers' sigmas are fp32: a linspace, a division by 1000 and the shift's 3 operations; ours fp64
+    assert_close_ordered(P.shift_noise_level(plain, 3.0), sigmas, terms=5, dtype=torch.float32)
+    assert_close_ordered(P.unshift_noise_level(sigmas, 3.0), plain, terms=5, dtype=torch.float32)
     # diffusers' timesteps are 1000 * sigma: our model timestep.
-    assert torch.allclose(P.timestep_to_noise_level(shifted.timesteps.double()), sigmas, atol=1e-6)
+    assert_close_ordered(P.timestep_to_noise_level(shifted.timesteps.double()), sigmas, terms=2, dtype=torch.float32)
 
 
 def test_sampling_grid_is_descending_from_one_to_zero():
@@ -142,15 +144,18 @@ def test_rectified_flow_path_formulas():
     s = torch.tensor([0.0, 0.3, 0.8, 1.0], dtype=torch.float64)
     sample = RectifiedFlowPath().sample(data, s, noise=noise)
     assert torch.equal(sample.noisy[0], data[0]) and torch.equal(sample.noisy[3], noise[3])
-    assert torch.allclose(sample.noisy[1], 0.7 * data[1] + 0.3 * noise[1])
+    assert_close_ordered(sample.noisy[1], 0.7 * data[1] + 0.3 * noise[1], terms=2)
     assert torch.equal(sample.target, noise - data)
     # The target is d x_s / d s (finite difference of the path).
     h = 1e-6
     up = RectifiedFlowPath().sample(data, s.clamp(max=1 - h) + h, noise=noise).noisy
     down = RectifiedFlowPath().sample(data, s.clamp(max=1 - h), noise=noise).noisy
-    assert torch.allclose((up - down) / h, sample.target, atol=1e-6)
-    assert torch.allclose(RectifiedFlowPath.velocity_to_data(sample.noisy, sample.target, s), data)
-    assert torch.allclose(RectifiedFlowPath.velocity_to_noise(sample.noisy, sample.target, s), noise)
+    # linear in s, so no truncation error: only the rounding of up and down, divided by h
+    assert_close_ordered((up - down) / h, sample.target, terms=2, scale=up.abs().max().item() / h)
+    assert_close_ordered(RectifiedFlowPath.velocity_to_data(sample.noisy, sample.target, s), data, terms=2,
+                         scale=sample.target.abs().max().item())
+    assert_close_ordered(RectifiedFlowPath.velocity_to_noise(sample.noisy, sample.target, s), noise, terms=2,
+                         scale=sample.target.abs().max().item())
     assert sample.timestep.tolist() == [0.0, 300.0, 800.0, 1000.0]
 
 

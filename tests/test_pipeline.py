@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import assert_close_ordered, network_terms
 from pipeline_helpers import ENCODER_CONFIG, SAMPLER, TEXT_LENGTH, WORLD, prompt_encoder, tiny_model_dir
 
 from univigu.config import FlowConfig, TransformerConfig
@@ -81,7 +82,8 @@ def test_generate_is_the_guided_video_ode_with_the_prompt_in_the_text_stream(whi
             v_uncond = model(x, all_masked, t, torch.full((2,), 1000.0), uncond)[0]
             x = x + (s_next - s) * (v_uncond + scale * (v_cond - v_uncond))
 
-    torch.testing.assert_close(out.latents, x, atol=2e-5, rtol=1e-5)
+    # each step's velocity carries its own rounding: the network's reductions once per step
+    assert_close_ordered(out.latents, x, terms=steps * network_terms(pipe.transformer.config))
     expected = _frames(x)
     for got, want in zip(out.frames, expected):
         assert got.dtype == np.uint8 and got.shape == (5, 16, 16, 3)
@@ -191,10 +193,11 @@ def test_same_seed_same_output_different_seed_different_output(pipe):
 def test_a_sample_does_not_depend_on_its_batch(pipe):
     both = pipe.generate(PROMPTS, seed=10)  # sample i uses seed 10 + i
     alone = pipe.generate(PROMPTS[1], seed=11)
-    torch.testing.assert_close(both.latents[1:], alone.latents, atol=1e-5, rtol=1e-5)
+    terms = SAMPLER.video_steps * network_terms(pipe.transformer.config)
+    assert_close_ordered(both.latents[1:], alone.latents, terms=terms)
     joint_both = pipe.joint(PROMPTS, seed=[4, 6])
     joint_alone = pipe.joint([PROMPTS[1]], seed=[6])
-    torch.testing.assert_close(joint_both.latents[1:], joint_alone.latents, atol=1e-5, rtol=1e-5)
+    assert_close_ordered(joint_both.latents[1:], joint_alone.latents, terms=terms)
     assert joint_both.captions[1] == joint_alone.captions[0]
 
 

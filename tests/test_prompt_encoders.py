@@ -7,11 +7,15 @@ import sys
 import pytest
 import torch
 
+from tolerances import assert_close_ordered
 from univigu.config import PromptEncoderConfig
 from univigu.models.text import (MiniLMPromptEncoder, PromptEncoderError, UMT5PromptEncoder,
                                  load_null_condition, load_prompt_encoder, minilm_model_dir,
                                  save_null_condition)
 
+# Reduction lengths for comparing two computation orders (tests/tolerances.py): layers x FFN width.
+MINILM_TERMS = 6 * 1536  # all-MiniLM-L6-v2
+UMT5_TERMS = 2 * 64  # the tiny UMT5 of `umt5_dir`
 PROMPTS = ["a small red circle moves to the left",
            "a large blue star stays still and a small green square moves up",
            "a small red circle moves to the left"]  # a repeat: exercises the cache
@@ -48,7 +52,7 @@ def test_minilm_token_states_equal_direct_transformers_call(minilm, hf_minilm):
         n = ids.shape[1]
         with torch.no_grad():
             ref = model(input_ids=ids).last_hidden_state[0]
-        torch.testing.assert_close(emb[i, :n], ref, rtol=1e-4, atol=1e-5)
+        assert_close_ordered(emb[i, :n], ref, terms=MINILM_TERMS)
         assert mask[i].sum() == n and mask[i, :n].all()
         assert torch.count_nonzero(emb[i, n:]) == 0  # zero-padded beyond the real tokens
     assert mask[3].all()  # truncated prompt fills the condition
@@ -63,7 +67,7 @@ def test_minilm_lexical_weight_adds_the_input_embeddings(hf_minilm):
         ids = tok(p, return_tensors="pt").input_ids
         with torch.no_grad():
             ref = model(input_ids=ids).last_hidden_state[0] + 0.5 * model.embeddings(input_ids=ids)[0]
-        torch.testing.assert_close(emb[i, : ids.shape[1]], ref, rtol=1e-4, atol=1e-5)
+        assert_close_ordered(emb[i, : ids.shape[1]], ref, terms=MINILM_TERMS)
     with pytest.raises(PromptEncoderError, match="lexical_weight is a MiniLM option"):
         load_prompt_encoder(PromptEncoderConfig(kind="umt5", path="x", lexical_weight=1.0))
 
@@ -77,15 +81,14 @@ def test_minilm_mean_pool_matches_sentence_transformers(minilm):
     emb, mask = minilm.encode(PROMPTS[:2])
     ref = st.encode(PROMPTS[:2], convert_to_tensor=True)
     pooled = torch.stack([emb[i, mask[i]].mean(0) for i in range(2)])
-    torch.testing.assert_close(torch.nn.functional.normalize(pooled, dim=-1), ref.cpu(),
-                               rtol=1e-4, atol=1e-5)
+    assert_close_ordered(torch.nn.functional.normalize(pooled, dim=-1), ref.cpu(), terms=MINILM_TERMS)
 
 
 def test_minilm_cache_and_batch_independence(minilm):
     emb, _ = minilm.encode(PROMPTS)
     assert torch.equal(emb[0], emb[2])  # repeated prompt
     alone, _ = MiniLMPromptEncoder(16, cache=False).encode([PROMPTS[1]])
-    torch.testing.assert_close(alone[0], emb[1], rtol=1e-4, atol=1e-5)
+    assert_close_ordered(alone[0], emb[1], terms=MINILM_TERMS)
 
 
 def test_minilm_null_condition(tmp_path, minilm, hf_minilm):
@@ -94,7 +97,7 @@ def test_minilm_null_condition(tmp_path, minilm, hf_minilm):
     with torch.no_grad():
         ref = model(**tok("", return_tensors="pt")).last_hidden_state[0]  # [CLS] [SEP]
     assert null.shape == (1, 16, 384) and null_mask[0].tolist() == [True] * 2 + [False] * 14
-    torch.testing.assert_close(null[0, :2], ref, rtol=1e-4, atol=1e-5)
+    assert_close_ordered(null[0, :2], ref, terms=MINILM_TERMS)
     assert torch.count_nonzero(null[0, 2:]) == 0
     # stored with a checkpoint and read back
     save_null_condition(minilm, tmp_path)
@@ -143,7 +146,7 @@ def build_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def umt5_dir(tmp_path_factory):
+def umt5_dir(tmp_path_factory):  # its num_layers x d_ff make UMT5_TERMS
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(0)
@@ -191,11 +194,11 @@ def test_umt5_trims_and_zero_pads_like_wan(umt5_dir):
     ref, lengths, singles = wan_reference(umt5_dir, prompts, 12)
     assert emb.shape == (4, 12, 32)
     assert mask.sum(1).tolist() == lengths.tolist()
-    torch.testing.assert_close(emb, ref, rtol=1e-5, atol=1e-6)
+    assert_close_ordered(emb, ref, terms=UMT5_TERMS)
     for i, single in enumerate(singles):
         n = single.shape[0]
         assert n == lengths[i]
-        torch.testing.assert_close(emb[i, :n], single, rtol=1e-5, atol=1e-6)
+        assert_close_ordered(emb[i, :n], single, terms=UMT5_TERMS)
         assert torch.count_nonzero(emb[i, n:]) == 0
     assert lengths.tolist() == [len(PROMPTS[0].split()) + 1, 12, len(PROMPTS[0].split()) + 1, 12]
 
@@ -215,7 +218,7 @@ def test_umt5_pipeline_layout_and_null_condition(umt5_dir, tmp_path):
     ref, lengths, _ = wan_reference(umt5_dir, [""], 6)
     assert lengths.tolist() == [1]  # just </s>
     assert null_mask[0].tolist() == [True] + [False] * 5
-    torch.testing.assert_close(null, ref, rtol=1e-5, atol=1e-6)
+    assert_close_ordered(null, ref, terms=UMT5_TERMS)
 
 
 # --------------------------------------------------------------------------------------------

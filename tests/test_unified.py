@@ -7,6 +7,7 @@ import torch
 from univigu.config import TransformerConfig
 from univigu.models.transformer import ModelInputError, UniViGUTransformer
 from univigu.models.unify import UnifyError, unify_video_model
+from tolerances import assert_close_ordered, network_terms
 
 VIDEO = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=8,
              freq_dim=32, ffn_dim=24, num_layers=2)
@@ -20,6 +21,11 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         for _, p in sorted(model.named_parameters()):
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return model
+
+
+def terms(model: UniViGUTransformer) -> int:
+    """Reduction length for comparing two computation orders of `model` (tests/tolerances.py)."""
+    return network_terms(model.config)
 
 
 def backbone(seed: int = 0, **overrides) -> UniViGUTransformer:
@@ -45,11 +51,11 @@ def assert_cached_equals_uncached(model, video, text, condition, t_video, t_text
     batch = video.shape[0]
     with torch.no_grad():
         cache = model.prefill("video", video=video, condition=condition)
-        torch.testing.assert_close(model.step_text(text, t_text, cache),
-                                   model(video, text, torch.zeros(batch), t_text, condition)[1], rtol=1e-5, atol=1e-5)
+        assert_close_ordered(model.step_text(text, t_text, cache),
+                             model(video, text, torch.zeros(batch), t_text, condition)[1], terms=terms(model))
         cache = model.prefill("text", text=text, condition=condition)
-        torch.testing.assert_close(model.step_video(video, t_video, cache),
-                                   model(video, text, t_video, torch.zeros(batch), condition)[0], rtol=1e-5, atol=1e-5)
+        assert_close_ordered(model.step_video(video, t_video, cache),
+                             model(video, text, t_video, torch.zeros(batch), condition)[0], terms=terms(model))
 
 
 # --------------------------------------------------------------------------------- conversion
@@ -142,7 +148,7 @@ def test_clean_video_states_do_not_depend_on_text_under_clean_isolated():
     b = _video_states(model, video, other_text, t_video, torch.tensor([900.0, 900.0]), condition)
     assert len(a) == 2
     for sa, sb in zip(a, b):
-        torch.testing.assert_close(sa[0], sb[0], rtol=0, atol=1e-6)  # clean sample: independent
+        assert_close_ordered(sa[0], sb[0], terms=terms(model))  # clean sample: independent
         assert (sa[1] - sb[1]).abs().max() > 1e-3  # noisy sample still reads the text
     # under `full` the clean video does read the text
     full = unified(policy="full")
@@ -162,7 +168,7 @@ def test_cached_text_logits_equal_uncached_at_several_noise_levels():
             t = (t_text * (1 - shift)).clamp(0, 1000)
             cached = model.step_text(text, t, cache)
             uncached = model(video, text, torch.zeros(5), t, condition)[1]
-            torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
+            assert_close_ordered(cached, uncached, terms=terms(model))
 
 
 def test_cached_video_velocity_equals_uncached_with_clean_text():
@@ -173,7 +179,7 @@ def test_cached_video_velocity_equals_uncached_with_clean_text():
         cache = model.prefill("text", text=text, condition=condition)
         cached = model.step_video(video, t_video, cache)
         uncached = model(video, text, t_video, torch.zeros(3), condition)[0]
-    torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
+    assert_close_ordered(cached, uncached, terms=terms(model))
 
 
 def test_text_key_bias_hides_new_text_from_the_video_and_zero_bias_changes_nothing():
@@ -183,13 +189,13 @@ def test_text_key_bias_hides_new_text_from_the_video_and_zero_bias_changes_nothi
     expected = video_model(video, None, t_video, None, condition)[0]
     hidden = unify_video_model(video_model, V, L, text_key_bias=-1e4)  # exp(-1e4) is 0 in fp32
     assert all(torch.equal(b.text_key_bias, torch.full((2,), -1e4)) for b in hidden.blocks)
-    torch.testing.assert_close(hidden(video, text, t_video, t_text, condition)[0], expected, rtol=1e-5, atol=1e-5)
+    assert_close_ordered(hidden(video, text, t_video, t_text, condition)[0], expected, terms=terms(hidden))
     without = unified()
     with_zero = unify_video_model(backbone(), V, L, text_key_bias=0.0)
     with_zero.load_state_dict(without.state_dict(), strict=False)  # same weights, bias parameters at 0
     args = (video, text, t_video, t_text, condition)
     for a, b in zip(with_zero(*args), without(*args)):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert_close_ordered(a, b, terms=terms(without))
     unbiased = unify_video_model(backbone(), V, L)
     assert not any(n.endswith("text_key_bias") for n, _ in unbiased.named_parameters())
 
@@ -220,7 +226,7 @@ def test_text_query_projection_starts_as_the_shared_one_and_only_moves_text_quer
             block.text_to_q2.load_state_dict(block.attn2.to_q.state_dict())
     args = (video, text, t_video, t_text, condition)
     for a, b in zip(own(*args), shared(*args)):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert_close_ordered(a, b, terms=terms(shared))
     fresh = unify_video_model(backbone(), V, L, text_query_projection=True)  # unify copies them too
     assert all(torch.equal(b.text_to_q1.weight, b.attn1.to_q.weight) and
                torch.equal(b.text_to_q2.bias, b.attn2.to_q.bias) for b in fresh.blocks)
@@ -230,9 +236,9 @@ def test_text_query_projection_starts_as_the_shared_one_and_only_moves_text_quer
     shared.load_state_dict({k: v for k, v in own.state_dict().items() if ".text_to_q" not in k})
     # Video queries are the shared ones: a clean video (isolated from the text) or a video without
     # text is untouched; the text reads differently.
-    torch.testing.assert_close(velocity[0], shared(*args)[0][0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(own(video, None, t_video, None, condition)[0],
-                               shared(video, None, t_video, None, condition)[0], rtol=1e-6, atol=1e-6)
+    assert_close_ordered(velocity[0], shared(*args)[0][0], terms=terms(shared))
+    assert_close_ordered(own(video, None, t_video, None, condition)[0],
+                         shared(video, None, t_video, None, condition)[0], terms=terms(shared))
     assert not torch.allclose(logits, shared(*args)[1])
     (velocity.square().mean() + logits.square().mean()).backward()
     assert all(b.text_to_q1.weight.grad.abs().sum() > 0 and b.text_to_q2.weight.grad.abs().sum() > 0
@@ -252,18 +258,17 @@ def test_one_cache_serves_steps_of_several_text_lengths_and_modes():
         for n in (2, L, 4):  # the buffers grow once, then serve shorter steps
             cached = model.step_text(text[:, :n], t, cache)
             uncached = model(video, text[:, :n], torch.zeros(2), t, condition)[1]
-            torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
+            assert_close_ordered(cached, uncached, terms=terms(model))
         assert len(cache.buffers) == 2 and cache.buffers[0][0].shape[1] == cache.num_tokens + L
     with torch.no_grad():  # an inference-mode cache outside inference mode: not written
-        torch.testing.assert_close(model.step_text(text, t, cache),
-                                   model(video, text, torch.zeros(2), t, condition)[1], rtol=1e-5, atol=1e-5)
+        assert_close_ordered(model.step_text(text, t, cache),
+                             model(video, text, torch.zeros(2), t, condition)[1], terms=terms(model))
     grad_cache = model.prefill("video", video=video, condition=condition)  # autograd: concatenated
     logits = model.step_text(text, t, grad_cache)
     logits.square().sum().backward()
     assert model.blocks[0].attn1.to_k.weight.grad is not None
     with torch.no_grad():
-        torch.testing.assert_close(logits, model(video, text, torch.zeros(2), t, condition)[1],
-                                   rtol=1e-5, atol=1e-5)
+        assert_close_ordered(logits, model(video, text, torch.zeros(2), t, condition)[1], terms=terms(model))
 
 
 def test_text_rope_tables_are_cached_per_length_style_and_device():
@@ -277,8 +282,9 @@ def test_text_rope_tables_are_cached_per_length_style_and_device():
         cos, sin = text_rope(length, 16)
         angles = torch.arange(length, dtype=torch.float64)[:, None] * 10000.0 ** (
             -torch.arange(0, 16, 2, dtype=torch.float64) / 16)
-        torch.testing.assert_close(cos, angles.repeat_interleave(2, dim=-1).cos().float())
-        torch.testing.assert_close(sin, angles.repeat_interleave(2, dim=-1).sin().float())
+        # both fp64, then rounded once to fp32
+        assert_close_ordered(cos, angles.repeat_interleave(2, dim=-1).cos().float(), terms=1)
+        assert_close_ordered(sin, angles.repeat_interleave(2, dim=-1).sin().float(), terms=1)
     half = text_rope(5, 16, style="rotate_half")[0]
     assert not torch.equal(half, first[0]) and torch.equal(half[:, :8], half[:, 8:])
     assert text_rope(5, 16, device="meta")[0].device.type == "meta"
@@ -298,18 +304,60 @@ def test_sample_prediction_is_the_velocity_of_the_predicted_clean_video():
         x0_hat = velocity_model(video, None, t, None, condition)[0]
         velocity = sample_model(video, None, t, None, condition)[0]
     expected = (video - x0_hat) / torch.tensor([0.1, 0.5, 1.0]).view(3, 1, 1, 1, 1)
-    torch.testing.assert_close(velocity, expected, rtol=1e-5, atol=1e-5)
+    assert_close_ordered(velocity, expected, terms=1)  # the same network; only the last division differs
 
 
-def test_sample_prediction_cached_equals_uncached():
-    model = unify_video_model(backbone(4, video_prediction="sample"), V, L)
-    randomize(model, 5)
+def sample_prediction_model() -> UniViGUTransformer:
+    return randomize(unify_video_model(backbone(4, video_prediction="sample"), V, L), 5)
+
+
+def assert_sample_prediction_cached_equals_uncached(model):
     video, text, condition = inputs(batch=2)
     t_video = torch.tensor([30.0, 700.0])
     with torch.no_grad():
         cached = model.step_video(video, t_video, model.prefill("text", text=text, condition=condition))
         uncached = model(video, text, t_video, torch.zeros(2), condition)[0]
-    torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
+    # At t = 0.03 the velocity is the head's output over t: values and rounding both ~30x larger.
+    assert_close_ordered(cached, uncached, terms=terms(model))
+
+
+def test_sample_prediction_cached_equals_uncached():
+    assert_sample_prediction_cached_equals_uncached(sample_prediction_model())
+
+
+def break_prefill(monkeypatch, model, clean: str, layer: int, offset: float = 1e-3):
+    """Make `model.prefill(clean)` return a cache whose keys of `layer` are all off by `offset`."""
+    prefill = model.prefill
+
+    def broken(which, **kwargs):
+        cache = prefill(which, **kwargs)
+        if which == clean:
+            cache.keys[layer] = cache.keys[layer] + offset
+        return cache
+
+    monkeypatch.setattr(model, "prefill", broken)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("clean", ["video", "text"])
+def test_cached_equals_uncached_fails_for_a_cache_off_by_1e_3(monkeypatch, clean, layer):
+    # The rounding tolerance of the cached comparisons must stay far below a real cache error.
+    model = unified()
+    video, text, condition = inputs(batch=3)
+    t_video, t_text = torch.tensor([0.0, 400.0, 1000.0]), torch.tensor([1.0, 500.0, 1000.0])
+    assert_cached_equals_uncached(model, video, text, condition, t_video, t_text)
+    break_prefill(monkeypatch, model, clean, layer)
+    with pytest.raises(AssertionError, match="not close"):
+        assert_cached_equals_uncached(model, video, text, condition, t_video, t_text)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_sample_prediction_cached_equals_uncached_fails_for_a_cache_off_by_1e_3(monkeypatch, layer):
+    # The loosest bound in this file (velocities ~100 at t = 0.03) still sees the broken cache.
+    model = sample_prediction_model()
+    break_prefill(monkeypatch, model, "text", layer)
+    with pytest.raises(AssertionError, match="not close"):
+        assert_sample_prediction_cached_equals_uncached(model)
 
 
 def test_text_alone_forward_equals_clean_text_in_a_joint_forward():
@@ -320,7 +368,7 @@ def test_text_alone_forward_equals_clean_text_in_a_joint_forward():
     none, alone = model(None, text, None, torch.zeros(2), condition)
     assert none is None and alone.shape == (2, L, V)
     joint = model(video, text, torch.tensor([200.0, 1000.0]), torch.zeros(2), condition)[1]
-    torch.testing.assert_close(alone, joint, rtol=1e-5, atol=1e-5)
+    assert_close_ordered(alone, joint, terms=terms(model))
 
 
 # --------------------------------------------------------------------------------- parameter groups
@@ -408,7 +456,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert calls.count(False) == 1 and calls.count(True) == 2  # recomputed in backward
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
     for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+        assert_close_ordered(grads[1][n], grads[0][n], terms=terms(model), msg=n)
 
 
 # --------------------------------------------------------------------------------- bad input

@@ -101,7 +101,8 @@ class _SDPAWithExplicitBackward(torch.autograd.Function):
         # Piece by piece, so each piece's [L, S] scores stay in cache across the passes over them.
         mask4 = None if mask is None else mask.view(*([1] * (4 - mask.dim())), *mask.shape)  # as SDPA broadcasts
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        grad_mask4 = torch.zeros(mask4.shape, dtype=torch.float32, device=mask.device) if wants_mask else None
+        grad_mask4 = torch.zeros(mask4.shape, dtype=torch.promote_types(mask.dtype, torch.float32),
+                                 device=mask.device) if wants_mask else None  # fp32 or wider, as `_wide`
         for b, h in pieces:
             piece_mask = None if mask4 is None else _piece(mask4, b, h)
             dq, dk, dv, dlogits = _backward_piece(q[b, h], k[b, h], v[b, h], out[b, h], grad_out[b, h], piece_mask)
