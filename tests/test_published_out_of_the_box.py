@@ -14,8 +14,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_published_checkpoint import (HEADS, D, L, assert_matches_reference, published_shapes, random_state,
-                                       wrap_prefixes)
+from test_published_checkpoint import (HEADS, D, L, assert_matches_reference, diffusers_to_published,
+                                       published_shapes, random_state, wrap_prefixes)
 
 from univigu.cli import main
 from univigu.data.video_io import read_video, write_video
@@ -47,17 +47,6 @@ def t5_like_tokenizer():
     return tok
 
 
-def published_name(key: str) -> str:
-    """diffusers Wan name -> the released model's name (reference section 12)."""
-    for ours, theirs in [("condition_embedder.time_embedder.", "time_embedding_v.time_embedder."),
-                         ("condition_embedder.time_proj.", "time_embedding_v.time_proj."),
-                         ("condition_embedder.text_embedder.", "cond_text_embedder."),
-                         ("norm_out.", "video_head.norm_out."), ("proj_out.", "video_head.proj_out.")]:
-        if key.startswith(ours):
-            return theirs + key[len(ours):]
-    return "scale_shift_table_v" if key == "scale_shift_table" else key
-
-
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -83,7 +72,7 @@ def release(tmp_path_factory):
     # The released model's vocabulary is the SentencePiece pieces, without the sentinels.
     vocab = 3 + len(PIECES)
     g = torch.Generator().manual_seed(1)
-    state = {published_name(k): v.detach().clone() for k, v in wan.state_dict().items()}
+    state = {diffusers_to_published(k): v.detach().clone() for k, v in wan.state_dict().items()}
     for key in list(state):
         if key.startswith("time_embedding_v.") or ".ffn." in key:
             copy = key.replace("time_embedding_v.", "time_embedding_t.").replace(".ffn.", ".ffn_t.")
