@@ -1,7 +1,7 @@
 """Loading the published Uni-ViGU checkpoint.
 
-The key names and shapes below are written from section 12 of the reference notes (not from our
-loader), and `reference_forward` re-implements the published block semantics of section 12.1 with
+The key names and shapes below are written from docs/PUBLISHED_CHECKPOINT.md (not from our
+loader), and `reference_forward` re-implements the published block semantics of its section 3 with
 plain torch ops on the published-named state dict, so agreement with our model is evidence that the
 renaming and the config quirks (full attention, rotate-half text RoPE, text head eps) are right.
 """
@@ -26,7 +26,7 @@ def _lin(name, out_dim, in_dim):
 
 
 def published_shapes(masked: bool = False) -> dict[str, tuple]:
-    """Key names and shapes of the released WanUnifiedTransformer (reference section 12)."""
+    """Key names and shapes of the released WanUnifiedTransformer (docs/PUBLISHED_CHECKPOINT.md)."""
     rows = V + int(masked)
     shapes = {"vocab_embed.weight": (rows, D),
               "patch_embedding.weight": (D, C, *PATCH), "patch_embedding.bias": (D,),
@@ -117,7 +117,7 @@ def _attention(q, k, v):
 
 
 def reference_forward(P, video, text, t_video, t_text, condition):
-    """The published unified forward (section 12.1) on published key names, in float64 so that
+    """The published unified forward (docs/PUBLISHED_CHECKPOINT.md) on published key names, in float64 so that
     the comparison measures only our fp32 rounding."""
     P = {k: v.double() for k, v in P.items()}
     video, condition = video.double(), condition.double()
@@ -252,7 +252,7 @@ def test_mask_source_checkpoint_drops_the_mask_logit(tmp_path):
     assert_matches_reference(model, P, vocab=V + 1)  # inputs include the mask id V
 
 
-# Diffusers Wan names -> published names, written from section 12 (for building the reference dict).
+# Diffusers Wan names -> published names (docs/PUBLISHED_CHECKPOINT.md), for building the reference dict.
 def diffusers_to_published(key: str) -> str:
     for ours, theirs in [("condition_embedder.time_embedder.", "time_embedding_v.time_embedder."),
                          ("condition_embedder.time_proj.", "time_embedding_v.time_proj."),

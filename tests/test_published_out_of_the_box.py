@@ -4,7 +4,7 @@ The fixture lays out what the release needs, tiny and random: a diffusers Wan2.1
 (transformer/, vae/, text_encoder/, tokenizer/) whose tokenizer is T5's kind (SentencePiece
 pieces, no BOS, sentinel tokens added after the pieces), and a `.pth` saved the way the released
 training code saves it: `{"model": ..., "step": ..., "optimizer": ...}`, torch.compile prefixes,
-and the text RoPE's persistent buffer `rotary_emb_text.inv_freq` (reference notes, section 12).
+and the text RoPE's persistent buffer `rotary_emb_text.inv_freq` (docs/PUBLISHED_CHECKPOINT.md).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ PROMPT = "a small red circle moves left"
 
 
 def inv_freq(head_dim: int, theta: float = 10000.0, dtype=torch.float32) -> torch.Tensor:
-    """The released 1D rotary's buffer, written from the reference notes: 1 / theta^(2i/d)."""
+    """The released 1D rotary's buffer, written from docs/PUBLISHED_CHECKPOINT.md: 1 / theta^(2i/d)."""
     return (1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)).to(dtype)
 
 

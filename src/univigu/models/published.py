@@ -1,7 +1,7 @@
 """Load the published Uni-ViGU checkpoint into `UniViGUTransformer`.
 
 The released weights are a PyTorch pickle (`.pth`) holding `{"model": state_dict, "step": ..., ...}`
-with the module names of the released `WanUnifiedTransformer` (reference notes, section 12). This
+with the module names of the released `WanUnifiedTransformer` (docs/PUBLISHED_CHECKPOINT.md). This
 module reads it without executing pickle, strips FSDP / torch.compile prefixes, renames its keys to
 ours, checks the saved text RoPE buffer against the config (ours has no such buffer), optionally
 completes a partial checkpoint from a diffusers Wan base directory, and returns the model with the
