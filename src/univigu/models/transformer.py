@@ -37,6 +37,7 @@ from .layers import (
     text_rope,
     video_rope,
 )
+from .weights import check_state_dict, load_state_dict_from_dir
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -663,9 +664,6 @@ class UniViGUTransformer(nn.Module):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
         data = json.loads(config_path.read_text())
         data.pop("_class_name", None)
-        # convert.py imports this module, so import its checkpoint helpers lazily.
-        from .convert import check_state_dict, load_state_dict_from_dir
-
         model = cls(from_dict(TransformerConfig, data))
         state = load_state_dict_from_dir(directory, device=device)  # single file or sharded + index
         check_state_dict(model, state, str(directory))  # CheckpointError naming missing/unexpected keys
