@@ -29,7 +29,6 @@ fast (CUDA with bf16, or an AVX-512 CPU); on AVX2-only CPUs bf16 is emulated and
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 import weakref
 from dataclasses import dataclass, replace
@@ -48,6 +47,7 @@ from .models.bundle import Bundle, load_bundle, save_bundle
 from .models.text import PromptEncoder, TextTokenizer, load_prompt_encoder
 from .models.transformer import UniViGUTransformer
 from .models.vae import CodecError, LatentCodec
+from .precision import autocast, bf16_is_fast
 
 
 class PipelineError(ValueError):
@@ -110,13 +110,6 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError(f"device {device} requested but CUDA is not available here")
     return device
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """bf16 pays only on CUDA with bf16 support, or on CPUs with AVX-512 kernels."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -299,9 +292,7 @@ class UniViGUPipeline:
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):
-        if self.dtype == torch.bfloat16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.dtype == torch.bfloat16)
 
     def _require_text_stream(self, task: str) -> None:
         if not self.has_text_stream:

@@ -11,7 +11,6 @@ MiniLM default runs in fp32.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from typing import Iterable, Sequence
 
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from univigu.models.text import PromptEncoder
 from univigu.models.vae import CodecError, LatentCodec
+from univigu.precision import autocast
 
 
 def content_key(obj) -> str:
@@ -45,12 +45,6 @@ def content_key(obj) -> str:
         raise TypeError(f"content_key takes str, bytes, a tensor or an array, "
                         f"got {type(obj).__name__}")
     return h.hexdigest()
-
-
-def _autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
@@ -106,7 +100,7 @@ def encode_videos(codec: LatentCodec, videos: Sequence[torch.Tensor] | torch.Ten
         for keys in by_shape.values():
             for chunk in _batches(keys, batch_size):
                 batch = torch.stack([unique[k] for k in chunk]).to(device)
-                with _autocast(device, bf16):
+                with autocast(device, bf16):
                     latents = codec.encode(batch)
                 latents = latents.float().cpu()
                 for k, lat in zip(chunk, latents):
@@ -132,7 +126,7 @@ def encode_prompts(encoder: PromptEncoder, prompts: Sequence[str], *, batch_size
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with tqdm(total=len(unique), desc=desc, disable=not progress, unit="prompt") as bar:
         for chunk in _batches(unique, batch_size):
-            with _autocast(device, bf16):
+            with autocast(device, bf16):
                 emb, mask = encoder.encode(chunk)
             emb, mask = emb.float().cpu(), mask.cpu()
             for i, p in enumerate(chunk):
