@@ -17,9 +17,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from univigu.config import ConfigError, WorldConfig, from_dict
+from univigu.config import TASKS, ConfigError, WorldConfig, from_dict
 
-TASKS = ("t2v", "v2t", "joint")
 # Manifest fields each task needs; "objects" is the ground truth ShapesWorld writes.
 REQUIRED_FIELDS = {"t2v": ("prompt", "objects"), "v2t": ("video", "objects"), "joint": ("prompt", "objects")}
 

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,9 @@ import torch
 
 from ..data.video_io import tensor_to_frames
 from ..flow.losses import joint_loss
-from ..flow.paths import RectifiedFlowPath
+from ..flow.paths import RectifiedFlowPath, noise_level_to_timestep
 from ..flow.samplers import TextSamplerOptions, VideoSamplerOptions, sample_text, sample_video
+from ..precision import autocast
 from .logging import write_samples
 
 
@@ -50,6 +50,20 @@ class ValidationData:
         return len(self.prompts)
 
 
+def validation_data(source, codec, prompts, num_samples: int) -> ValidationData:
+    """The held-out samples validation uses: all of a ShapesWorld set; for real data the clips of
+    its first bucket (one size), at most `num_samples`."""
+    index = np.arange(len(source))
+    if hasattr(source, "bucket_of"):
+        index = index[source.bucket_of == source.bucket_of[0]][:num_samples]
+    truths = getattr(source, "truths", None)
+    return ValidationData(latents=source.latents(index, codec),
+                          condition=prompts([source.prompts[i] for i in index]),
+                          prompts=[source.prompts[i] for i in index],
+                          captions=[source.captions[i] for i in index],
+                          truths=None if truths is None else [truths[i] for i in index])
+
+
 class Validator:
     """Runs validation of one stage on a fixed held-out set (rank 0 only, on a plain model)."""
 
@@ -68,9 +82,7 @@ class Validator:
             self.text = tokenizer.encode(source, text_length, truncate=True)
 
     def _autocast(self):
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return autocast(self.device, self.bf16)
 
     def _chunks(self, n: int):
         for start in range(0, n, self.batch_size):
@@ -93,8 +105,9 @@ class Validator:
             sample = path.sample(clean, s, noise=noise)
             text = None if self.text is None else self.text[idx].to(dev)
             zeros = torch.zeros(len(idx))
+            timestep = noise_level_to_timestep(s).to(dev)
             with self._autocast():
-                velocity, _ = model(sample.noisy.to(dev), text, (s * 1000).to(dev),
+                velocity, _ = model(sample.noisy.to(dev), text, timestep,
                                     None if text is None else zeros.to(dev), self.data.condition[idx].to(dev))
             video_sum += float(joint_loss(velocity=velocity, video_target=sample.target.to(dev),
                                           video_noise_level=s.to(dev)).video_sum)
@@ -104,7 +117,7 @@ class Validator:
                                for j, i in enumerate(idx)])
             null = self.null.expand(len(idx), *self.null.shape[-2:])
             with self._autocast():
-                _, logits = model(clean.to(dev), noisy.to(dev), zeros.to(dev), (s * 1000).to(dev), null.to(dev))
+                _, logits = model(clean.to(dev), noisy.to(dev), zeros.to(dev), timestep, null.to(dev))
             result = joint_loss(logits=logits, text_target=text, text_noisy=noisy.to(dev),
                                 text_noise_level=s.to(dev), path=self.text_path, text_loss=self.flow.text_loss)
             text_sum += float(result.text_sum)
