@@ -40,8 +40,8 @@ import torch
 
 from .config import FlowConfig, PromptEncoderConfig, SamplerConfig, WorldConfig, to_dict
 from .flow.paths import MixtureTextPath
-from .flow.samplers import (JointSamplerOptions, TextSample, TextSamplerOptions, VideoSamplerOptions, sample_joint,
-                            sample_text, sample_video)
+from .flow.options import JointSamplerOptions, TextSamplerOptions, VideoSamplerOptions
+from .flow.samplers import TextSample, sample_joint, sample_text, sample_video
 from .flow.verify import pick_lowest, video_flow_loss
 from .models.bundle import Bundle, load_bundle, save_bundle
 from .models.text import PromptEncoder, TextTokenizer, load_prompt_encoder

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .paths import FlowError, noise_level_to_timestep
-from .samplers import RandomSource
+from .randomness import RandomSource
 
 DEFAULT_LEVELS = (0.3, 0.5)
 

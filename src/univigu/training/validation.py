@@ -22,7 +22,8 @@ import torch
 from ..data.video_io import tensor_to_frames
 from ..flow.losses import joint_loss
 from ..flow.paths import RectifiedFlowPath, noise_level_to_timestep
-from ..flow.samplers import TextSamplerOptions, VideoSamplerOptions, sample_text, sample_video
+from ..flow.options import TextSamplerOptions, VideoSamplerOptions
+from ..flow.samplers import sample_text, sample_video
 from ..precision import autocast
 from .logging import write_samples
 
