@@ -41,6 +41,6 @@ from .randomness import RandomSource
 from .samplers import JointSample, TextSample, VideoSample, sample_joint, sample_text, sample_video
 from .text_updates import TextUpdater, confidence_step, decode_tokens, discrete_euler_step
 from .video_solvers import VideoODESolver
-from .verify import pick_lowest, video_flow_loss
+from .verify import Captioner, pick_lowest, video_flow_loss
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -105,7 +105,7 @@ class Trainer:
                          tokenizer=self.tokenizer, text_path=self.text_path, flow_config=self.cfg.flow,
                          sampler_config=self.cfg.sampler, world=self.cfg.world,
                          text_length=self.model_config.text_length, seed=self.cfg.train.seed, device=self.device,
-                         bf16=self.use_bf16)
+                         bf16=self.use_bf16, prompt_encoder_config=self.cfg.prompt_encoder)
 
     # ------------------------------------------------------------------ state
     @property

@@ -6,8 +6,9 @@
   are comparable. `val.loss = val.video_loss + lambda * val.text_loss`.
 * `Validator.oracle` — ShapesWorld only: T2V videos sampled from the prompts are read back by the
   pixel oracle; V2T captions are sampled with the NULL condition (so Knowledge Recall cannot pass by
-  copying the prompt from the condition) and parsed; both are scored against the true attributes
-  (`evaluation.shapesworld_metrics`).
+  copying the prompt from the condition), each the best of `sampler.caption_candidates` through the
+  pipeline's own captioning path (`flow.verify.Captioner`), and parsed; both are scored against
+  the true attributes (`evaluation.shapesworld_metrics`).
 * `Validator.samples` — GIFs and captions of a few fixed prompts and videos.
 """
 
@@ -23,7 +24,9 @@ from ..data.video_io import tensor_to_frames
 from ..flow.losses import joint_loss
 from ..flow.paths import RectifiedFlowPath, noise_level_to_timestep
 from ..flow.options import TextSamplerOptions, VideoSamplerOptions
-from ..flow.samplers import sample_text, sample_video
+from ..flow.samplers import sample_video
+from ..flow.verify import Captioner
+from ..models.text import shared_prompt_encoder
 from ..precision import autocast
 from .logging import write_samples
 
@@ -70,13 +73,14 @@ class Validator:
 
     def __init__(self, data: ValidationData, *, stage: str, codec, null_condition: torch.Tensor, tokenizer,
                  text_path, flow_config, sampler_config, world, text_length: int, seed: int,
-                 device: torch.device, bf16: bool = False, batch_size: int = 16):
+                 device: torch.device, bf16: bool = False, batch_size: int = 16, prompt_encoder_config=None):
         self.data, self.stage, self.codec = data, stage, codec
         self.null = null_condition.float()
         self.tokenizer, self.text_path = tokenizer, text_path
         self.flow, self.sampler, self.world = flow_config, sampler_config, world
         self.text_length, self.seed = text_length, seed
         self.device, self.bf16, self.batch_size = torch.device(device), bf16, batch_size
+        self.prompt_encoder_config = prompt_encoder_config
         self.text = None
         if tokenizer is not None:
             source = data.prompts if stage == "knowledge_recall" else data.captions
@@ -151,21 +155,40 @@ class Validator:
             videos += [tensor_to_frames(v) for v in pixels]
         return videos
 
+    def captioner(self) -> Captioner:
+        """V2T with verification, the same path as the pipeline's (flow/verify.py); the prompt
+        encoder that scores candidate captions is loaded on first use."""
+        tokenizer, length = self.tokenizer, self.text_length
+
+        def encode_prompts(captions: list[str]) -> torch.Tensor:
+            if self.prompt_encoder_config is None:
+                raise ValueError("verifying captions needs the prompt encoder's config")
+            embeddings, _ = shared_prompt_encoder(self.prompt_encoder_config, self.device).encode(captions)
+            return embeddings.to(self.device, torch.float32)
+
+        def encode_text(captions: list[str]) -> torch.Tensor:
+            return tokenizer.encode(captions, length, truncate=True).to(self.device)
+
+        return Captioner(null_condition=self.null, path=self.text_path, text_length=length, eos_id=tokenizer.eos_id,
+                         decode=tokenizer.decode, encode_prompts=encode_prompts, encode_text=encode_text,
+                         skip_ids=tokenizer.special_ids, levels=self.sampler.verify_levels)
+
     @torch.no_grad()
     def caption(self, model, index: np.ndarray) -> list[str]:
-        """V2T captions of the held-out videos `index`, sampled with the null condition."""
+        """V2T captions of the held-out videos `index` under the null condition, each the best of
+        `sampler.caption_candidates` by the model's own video flow (as `univigu eval` captions)."""
         _eval_mode(model)
         options = TextSamplerOptions.from_config(self.sampler)
+        captioner = self.captioner()
         captions = []
         for chunk in np.array_split(index, max(1, int(np.ceil(len(index) / self.batch_size)))):
             if len(chunk) == 0:
                 continue
-            null = self.null.expand(len(chunk), *self.null.shape[-2:]).to(self.device)
             with self._autocast():
-                out = sample_text(model, self.data.latents[chunk].to(self.device), null, self.text_path,
-                                  self.text_length, eos_id=self.tokenizer.eos_id, options=options,
-                                  seeds=[self.seed * 100003 + int(i) for i in chunk])
-            captions += self.tokenizer.decode(out.tokens.cpu())
+                texts, _ = captioner.caption(model, self.data.latents[chunk].to(self.device),
+                                             [self.seed * 100003 + int(i) for i in chunk], options,
+                                             candidates=self.sampler.caption_candidates)
+            captions += texts
         return captions
 
     def oracle(self, model) -> dict:
