@@ -19,9 +19,15 @@ OLD_PREFIX = ".old-"
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Persist a rename inside `path` (best effort: not every OS lets a folder be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
@@ -84,16 +90,29 @@ def atomic_directory(final: str | Path):
     publish_directory(tmp, final)
 
 
+@contextlib.contextmanager
+def atomic_file(final: str | Path):
+    """`with atomic_file(path) as tmp:` write the file `tmp` (any writer: safetensors, PIL, ...);
+    on success it is flushed and renamed to `path`, on an exception removed. The temporary name
+    carries the process id, so processes writing the same file do not collide."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = temporary_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -19,6 +18,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from univigu.atomic import atomic_write_text
 from univigu.data.video_io import VideoError, load_video_tensor, probe_video
 
 
@@ -106,33 +106,10 @@ def write_manifest(path: str | Path, records: Iterable[dict]) -> Path:
             lines.append(json.dumps(record, ensure_ascii=False, default=_json_default))
         except (TypeError, ValueError) as err:
             raise ManifestError(f"record {index} cannot be written as JSON: {err}") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write("".join(line + "\n" for line in lines))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (best effort: not every OS lets a folder be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..atomic import atomic_file, atomic_write_text
 from ..config import TransformerConfig, from_dict, to_dict
 from .layers import (
     FeedForward,
@@ -650,10 +651,9 @@ class UniViGUTransformer(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp))
-        tmp.replace(directory / WEIGHTS_NAME)
-        (directory / CONFIG_NAME).write_text(json.dumps(
+        with atomic_file(directory / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp))
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(
             {"_class_name": "UniViGUTransformer", **to_dict(self.config)}, indent=2))
 
     @classmethod
