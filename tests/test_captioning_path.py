@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from univigu.commands.eval import PipelineEvaluatee
+from univigu.evaluation.harness import PipelineEvaluatee
 from univigu.data.video_io import tensor_to_frames
 from univigu.flow.options import TextSamplerOptions
 from univigu.flow.verify import Captioner
