@@ -121,10 +121,6 @@ class PromptEncoder(nn.Module):
         return {"kind": self.kind, "path": getattr(self, "path", None),
                 "condition_length": self.condition_length, "null_condition": self.null}
 
-    def clear_cache(self) -> None:
-        if self._cache is not None:
-            self._cache.clear()
-
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(prompts)
 
