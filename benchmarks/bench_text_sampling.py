@@ -41,7 +41,7 @@ from common import RESULTS_DIR, load_average, machine_info, timed_both, write_js
 from univigu.commands.eval import PipelineEvaluatee, evaluate, load_samples, load_world
 from univigu.config import to_dict
 from univigu.data.video_io import frames_to_tensor, read_video
-from univigu.flow.samplers import TextSampler, TextSamplerOptions
+from univigu.flow.options import TextSampler, TextSamplerOptions
 from univigu.pipeline import UniViGUPipeline
 
 SAMPLERS = typing.get_args(TextSampler)  # ("euler", "confidence")

@@ -12,22 +12,24 @@ from safetensors.torch import load_file, save_file
 
 from backbone_helpers import randomize_, random_inputs, tiny_config
 from univigu.models.convert import (
-    CheckpointError,
     config_from_diffusers,
     config_from_original,
     export_diffusers,
     export_original,
-    find_weight_files,
     from_original_keys,
     load_diffusers_wan,
     load_original_wan,
-    load_state_dict_from_dir,
     load_wan,
-    parse_size,
-    save_state_dict_to_dir,
     to_original_keys,
 )
 from univigu.models.transformer import UniViGUTransformer
+from univigu.models.weights import (
+    CheckpointError,
+    find_weight_files,
+    load_state_dict_from_dir,
+    parse_byte_size,
+    save_state_dict_to_dir,
+)
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +119,11 @@ def test_directories_without_usable_weights(tmp_path):
         load_state_dict_from_dir(tmp_path)
 
 
-def test_parse_size():
-    assert parse_size("20KB") == 20_000 and parse_size("1GiB") == 2**30 and parse_size(123) == 123
-    assert parse_size("1.5MB") == 1_500_000
+def test_parse_byte_size():
+    assert parse_byte_size("20KB") == 20_000 and parse_byte_size("1GiB") == 2**30 and parse_byte_size(123) == 123
+    assert parse_byte_size("1.5MB") == 1_500_000
     with pytest.raises(ValueError, match="cannot read size"):
-        parse_size("lots")
+        parse_byte_size("lots")
 
 
 # ------------------------------------------------------------------ our save/load and export

@@ -91,7 +91,7 @@ def test_knowledge_recall_two_processes_equal_one(tmp_path, training_cache, tiny
                                   stage="knowledge_recall", init_from=tiny_generator), progress=False)
     assert resumed.step == 4
     final = tmp_path / "two" / "checkpoints" / "ckpt-00000004"
-    for which, state in (("model", resumed.model.state_dict()), ("ema", resumed.ema)):
+    for which, state in (("model", resumed.model.state_dict()), ("ema", resumed.ema.state)):
         saved = ckpt.read_weights(final, which)
         assert all(torch.equal(state[k], saved[k]) for k in saved), which
     optim = get_optimizer_state_dict(resumed.model, resumed.optimizer)["state"]

@@ -1,25 +1,21 @@
-"""JSONL manifests, caption tables, indexing a folder of real videos, and the video dataset."""
+"""JSONL manifests, caption tables and indexing a folder of real videos."""
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from univigu.data.manifest import (
     ManifestError,
-    SkippedVideosWarning,
-    VideoDataset,
     index_videos,
     read_caption_table,
     read_manifest,
     write_manifest,
 )
-from univigu.data.video_io import VideoError, write_video
+from univigu.data.video_io import write_video
 
 
 def flat_video(num, height, width, level):
@@ -183,55 +179,3 @@ def test_index_fails_clearly_when_nothing_is_usable(tmp_path):
     assert not (tmp_path / "m.jsonl").exists()
     with pytest.raises(ManifestError, match="videos folder not found"):
         index_videos(tmp_path / "missing", captions, tmp_path / "m.jsonl", progress=False)
-
-
-# ------------------------------------------------------------------------------------------
-# VideoDataset
-# ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def mixed_manifest(tmp_path):
-    write_video(tmp_path / "a.mp4", flat_video(9, 32, 32, 0), fps=8)
-    write_video(tmp_path / "c.mp4", flat_video(9, 32, 32, 255), fps=8)
-    (tmp_path / "b.mp4").write_bytes(b"")
-    path = tmp_path / "m.jsonl"
-    write_manifest(path, [{"video": name, "prompt": f"video {name}", "caption": f"caption {name}"}
-                          for name in ("a.mp4", "b.mp4", "c.mp4")])
-    return path
-
-
-def test_dataset_returns_tensors_and_text(mixed_manifest):
-    dataset = VideoDataset(mixed_manifest, num_frames=5, size=(16, 16))
-    sample = dataset[0]
-    assert sample["video"].shape == (3, 5, 16, 16) and sample["video"].dtype == torch.float32
-    assert torch.allclose(sample["video"], torch.full_like(sample["video"], -1.0), atol=0.02)
-    assert (sample["prompt"], sample["caption"], sample["index"]) == ("video a.mp4", "caption a.mp4", 0)
-    assert sample["path"].endswith("a.mp4")
-    with pytest.raises(VideoError, match=r"b\.mp4.*empty"):
-        dataset[1]
-
-
-def test_dataset_skip_bad_counts_one_warning(mixed_manifest):
-    dataset = VideoDataset(mixed_manifest, num_frames=3, skip_bad=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        samples = list(dataset)
-    assert [s["prompt"] for s in samples] == ["video a.mp4", "video c.mp4"]
-    skipped = [w for w in caught if issubclass(w.category, SkippedVideosWarning)]
-    assert len(skipped) == 1 and "skipped 1 of 3" in str(skipped[0].message)
-    assert list(dataset.skipped) == [str((mixed_manifest.parent / "b.mp4").resolve())]
-    # Random access substitutes the next readable sample.
-    assert dataset[1]["prompt"] == "video c.mp4"
-    with pytest.warns(SkippedVideosWarning, match="skipped 1 of 3"):
-        assert dataset.warn_skipped() == 1
-
-
-def test_dataset_all_bad_or_empty(tmp_path):
-    (tmp_path / "x.mp4").write_text("nope")
-    path = write_manifest(tmp_path / "m.jsonl", [{"video": "x.mp4", "prompt": "p"}])
-    with pytest.raises(VideoError, match="none of the 1 videos"):
-        VideoDataset(path, skip_bad=True)[0]
-    empty = write_manifest(tmp_path / "e.jsonl", [])
-    with pytest.raises(ManifestError, match="holds no samples"):
-        VideoDataset(empty)

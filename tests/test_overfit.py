@@ -42,7 +42,7 @@ def test_tiny_model_overfits_one_pair_then_t2v_and_v2t_recover_it():
     model.eval()
     with torch.no_grad():
         generated = sample_video(model, video.shape, condition, text=TARGET, text_path=text_path,
-                                 options=VideoSamplerOptions(steps=30, solver="heun", shift=1.0), seeds=[0]).video
+                                 options=VideoSamplerOptions(steps=30, solver="heun", shift=1.0, guidance_scale=1.0), seeds=[0]).video
         caption = sample_text(model, video, condition, text_path, 8, eos_id=EOS,
                               options=TextSamplerOptions(steps=8, sampler="euler"), seeds=[0])
     assert torch.mean((generated - video) ** 2) < 0.05 * video.var()

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from univigu.models.precompute import content_key, encode_prompts, encode_videos
+from univigu.models.precompute import content_key, encode_prompts
 from univigu.models.text import PromptEncoder
-from univigu.models.vae import CodecError, PixelShuffleCodec
 
 
 def test_content_key():
@@ -27,22 +26,6 @@ def test_content_key():
     assert content_key(np.zeros(3)) != content_key(np.zeros(4))
     with pytest.raises(TypeError, match="content_key takes"):
         content_key(3.0)
-
-
-def test_encode_videos_matches_codec_and_dedups():
-    codec = PixelShuffleCodec(4, 1)
-    g = torch.Generator().manual_seed(0)
-    small = [torch.rand(3, 3, 8, 8, generator=g) for _ in range(3)]
-    big = torch.rand(3, 2, 16, 8, generator=g)
-    videos = small + [big, small[0].clone()]  # mixed sizes and a duplicate
-    out = encode_videos(codec, videos, batch_size=2, progress=False)
-    assert len(out) == 4
-    for v in videos:
-        assert torch.equal(out[content_key(v)], codec.encode(v[None])[0])
-    with pytest.raises(CodecError, match=r"video 1 must be a \[3, F, H, W\]"):
-        encode_videos(codec, [small[0], torch.zeros(1, 3, 8, 8)], progress=False)
-    with pytest.raises(CodecError, match="no videos"):
-        encode_videos(codec, [], progress=False)
 
 
 class BagOfCharsEncoder(PromptEncoder):

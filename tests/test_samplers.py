@@ -8,20 +8,12 @@ from scipy import stats
 from tolerances import assert_close_ordered
 
 from univigu.flow.paths import FlowError, MixtureTextPath, kappa, sampling_grid
-from univigu.flow.samplers import (
-    JointSamplerOptions,
-    RandomSource,
-    TextSamplerOptions,
-    VideoODESolver,
-    VideoSamplerOptions,
-    confidence_step,
-    decode_tokens,
-    discrete_euler_step,
-    sample_categorical,
-    sample_joint,
-    sample_text,
-    sample_video,
-)
+from univigu.flow.categorical import sample_categorical
+from univigu.flow.options import JointSamplerOptions, TextSamplerOptions, VideoSamplerOptions
+from univigu.flow.randomness import RandomSource
+from univigu.flow.samplers import sample_joint, sample_text, sample_video
+from univigu.flow.text_updates import confidence_step, decode_tokens, discrete_euler_step
+from univigu.flow.video_solvers import VideoODESolver
 
 VOCAB = 11
 PAD, BOS, EOS = 0, 1, 2
@@ -101,7 +93,7 @@ def exact_transport(noise, mean, std):
 def _solve_error(solver, steps, shift, batch=512, mean=2.0, std=0.5):
     model = AnalyticModel(std=std)
     out = sample_video(model, (batch, 1, 2, 2, 2), condition_with_mean([mean] * batch),
-                       options=VideoSamplerOptions(steps=steps, solver=solver, shift=shift), generator=_gen(0))
+                       options=VideoSamplerOptions(steps=steps, solver=solver, shift=shift, guidance_scale=1.0), generator=_gen(0))
     noise = torch.randn((batch, 1, 2, 2, 2), generator=_gen(0))
     return (out.video - exact_transport(noise, mean, std)).abs().max().item(), out
 
@@ -161,7 +153,7 @@ def test_guidance_scale_one_equals_no_guidance():
     text = TARGET.clone()
     path = MixtureTextPath(VOCAB, "mask", SPECIALS)
     plain_model, guided_model = AnalyticModel(), AnalyticModel()
-    options = VideoSamplerOptions(steps=6, solver="heun", shift=3.0)
+    options = VideoSamplerOptions(steps=6, solver="heun", shift=3.0, guidance_scale=1.0)
     plain = sample_video(plain_model, (2, 1, 1, 2, 2), cond, text=text, options=options, generator=_gen(3))
     one = sample_video(guided_model, (2, 1, 1, 2, 2), cond, null, text=text, text_path=path,
                        options=VideoSamplerOptions(steps=6, solver="heun", shift=3.0, guidance_scale=1.0),
@@ -275,7 +267,7 @@ def test_t2v_uses_the_cache_only_when_allowed():
 
 def test_per_sample_seeds_make_samples_independent_of_the_batch():
     cond = condition_with_mean([1.0, -1.0, 0.0])
-    options = VideoSamplerOptions(steps=3, solver="euler")
+    options = VideoSamplerOptions(steps=3, solver="euler", guidance_scale=1.0)
     both = sample_video(AnalyticModel(), (3, 1, 1, 2, 2), cond, options=options, seeds=[11, 12, 13]).video
     for i, seed in enumerate([11, 12, 13]):
         alone = sample_video(AnalyticModel(), (1, 1, 1, 2, 2), cond[i:i + 1], options=options, seeds=[seed]).video
@@ -486,9 +478,10 @@ def test_text_sampler_rejects_bad_options():
     with pytest.raises(FlowError, match="null_condition"):
         sample_video(AnalyticModel(), (2, 1, 1, 2, 2), cond, options=VideoSamplerOptions(guidance_scale=2.0))
     with pytest.raises(FlowError, match="NaN velocity"):
-        sample_video(lambda v, *a: (torch.full_like(v, math.nan), None), (2, 1, 1, 2, 2), cond)
+        sample_video(lambda v, *a: (torch.full_like(v, math.nan), None), (2, 1, 1, 2, 2), cond,
+                     options=VideoSamplerOptions(guidance_scale=1.0))
     with pytest.raises(FlowError, match="velocity"):
-        sample_video(lambda v, *a: (v[:, :, :1], None), (2, 1, 2, 2, 2), cond)
+        sample_video(lambda v, *a: (v[:, :, :1], None), (2, 1, 2, 2, 2), cond, options=VideoSamplerOptions(guidance_scale=1.0))
     with pytest.raises(FlowError, match="unknown video solver"):
         VideoSamplerOptions(solver="rk4")
 
@@ -538,7 +531,7 @@ def test_steps_draw_only_where_tokens_can_change_and_match_drawing_everywhere(te
 
 
 def test_nan_check_flags_exactly_the_outputs_that_hold_a_nan():
-    from univigu.flow.samplers import _has_nan
+    from univigu.flow.guidance import _has_nan
 
     x = torch.randn(3, 7, 50)
     assert not _has_nan(x)
@@ -577,7 +570,7 @@ def test_joint_sampler_recovers_both_targets(solver, text_grid, text_sampler):
     steps, mean, std = 24, 1.0, 0.5
     model = AnalyticModel(std=std, target=TARGET)
     path = MixtureTextPath(VOCAB, "mask", SPECIALS)
-    options = JointSamplerOptions(video=VideoSamplerOptions(steps=steps, solver=solver, shift=3.0),
+    options = JointSamplerOptions(video=VideoSamplerOptions(steps=steps, solver=solver, shift=3.0, guidance_scale=1.0),
                                   text=TextSamplerOptions(sampler=text_sampler), text_grid=text_grid)
     out = sample_joint(model, (2, 1, 1, 4, 4), TARGET.shape[1], condition_with_mean([mean, mean]),
                        path=path, eos_id=EOS, options=options, generator=_gen(0))
@@ -623,16 +616,16 @@ def test_joint_guidance_branches():
 def test_draws_in_row_blocks_equal_drawing_all_rows_at_once(monkeypatch, temperature):
     """The categorical draw works through the rows in cache-sized blocks; the ids and confidences
     are the same as in one block, and an empty set of rows gives empty results."""
-    from univigu.flow import samplers
+    from univigu.flow import categorical
 
     gen = torch.Generator().manual_seed(5)
     logits = 3 * torch.randn(7, 5, VOCAB, generator=gen)
     uniforms = torch.rand(7, 5, generator=gen, dtype=torch.float64)
-    whole = samplers._categorical(logits, uniforms, temperature, confidence=True)
-    monkeypatch.setattr(samplers, "_DRAW_BLOCK_ELEMENTS", 3 * VOCAB)  # blocks of 3 rows
-    blocked = samplers._categorical(logits, uniforms, temperature, confidence=True)
+    whole = categorical.draw_categorical(logits, uniforms, temperature, confidence=True)
+    monkeypatch.setattr(categorical, "_DRAW_BLOCK_ELEMENTS", 3 * VOCAB)  # blocks of 3 rows
+    blocked = categorical.draw_categorical(logits, uniforms, temperature, confidence=True)
     assert blocked[0].shape == (7, 5) and torch.equal(whole[0], blocked[0]) and torch.equal(whole[1], blocked[1])
     expected = torch.softmax(logits.double(), -1).gather(-1, whole[0].unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(whole[1], expected, rtol=1e-12, atol=0)  # the untempered probability
-    empty = samplers._categorical(logits[:0, 0], uniforms[:0, 0], temperature, confidence=True)
+    empty = categorical.draw_categorical(logits[:0, 0], uniforms[:0, 0], temperature, confidence=True)
     assert empty[0].shape == (0,) and empty[1].shape == (0,)

@@ -14,6 +14,7 @@ from tolerances import network_terms, ordered_tolerance
 from univigu.models.bundle import load_bundle
 from univigu.training import checkpoint as ckpt
 from univigu.training.logging import read_metrics
+from univigu.training.batches import loss_counts
 from univigu.training.trainer import Trainer, TrainingError, ema_decay, lr_factor
 from univigu.training.validation import validation_generator
 from training_helpers import tiny_config, tiny_generator, training_cache  # noqa: F401 (fixtures)
@@ -81,7 +82,7 @@ def test_freezing_policy_freezes_exactly_its_groups(policy, groups, tmp_path, tr
 
     # One backward: gradients exist exactly for the trained groups.
     nb = trainer.noise(trainer.make_batch(0))
-    loss, _ = trainer._forward_loss(nb, trainer.loss_counts(nb), alone_forward=bool(nb.drop_video.any()))
+    loss, _ = trainer.loss_step(nb, loss_counts(nb), alone_forward=bool(nb.drop_video.any()))
     loss.backward()
     for name, p in names.items():
         trained = expected_group(name) in groups
@@ -112,7 +113,7 @@ def test_lr_scales_per_group(tmp_path, training_cache, tiny_generator):
     names = dict(trainer.model.named_parameters())
     before = {n: p.detach().clone() for n, p in names.items()}
     trainer.train_step()
-    factor = lr_factor(0, trainer.train.warmup_steps, trainer.train.steps, trainer.train.min_lr_ratio)
+    factor = lr_factor(0, trainer.cfg.train.warmup_steps, trainer.cfg.train.steps, trainer.cfg.train.min_lr_ratio)
     by_param = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
     scale = {"video": 0.0, "shared": 0.25, "text": 1.0}
     for name, p in names.items():
@@ -365,7 +366,7 @@ def test_fixed_noise_validation_loss(tmp_path, training_cache, tiny_generator):
         return (None if video is None else torch.zeros_like(video)), logits
 
     clean = validator.data.latents
-    expected = np.mean([((torch.randn(clean.shape[1:], generator=validation_generator(trainer.train.seed, i))
+    expected = np.mean([((torch.randn(clean.shape[1:], generator=validation_generator(trainer.cfg.train.seed, i))
                           - clean[i]) ** 2).mean().item() for i in range(len(clean))])
     zero = validator.losses(zero_model)
     terms = clean[0].numel() + len(clean)  # a mean per sample, then over the samples

@@ -157,6 +157,9 @@ class SamplerConfig:
     verify_levels: tuple[float, ...] = (0.3, 0.5)  # noise levels of that loss
 
 
+TASKS = ("t2v", "v2t", "joint")  # text-to-video, video-to-text, both from one prompt
+
+
 @dataclass
 class TaskMixture:
     """Per-sample task probabilities and dropout for guidance (DESIGN.md section 4)."""

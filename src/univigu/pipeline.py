@@ -29,25 +29,24 @@ fast (CUDA with bf16, or an AVX-512 CPU); on AVX2-only CPUs bf16 is emulated and
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .config import FlowConfig, PromptEncoderConfig, SamplerConfig, WorldConfig, to_dict
+from .config import FlowConfig, PromptEncoderConfig, SamplerConfig, WorldConfig
 from .flow.paths import MixtureTextPath
-from .flow.samplers import (JointSamplerOptions, TextSample, TextSamplerOptions, VideoSamplerOptions, sample_joint,
-                            sample_text, sample_video)
-from .flow.verify import pick_lowest, video_flow_loss
+from .flow.options import JointSamplerOptions, TextSamplerOptions, VideoSamplerOptions
+from .flow.samplers import sample_joint, sample_video
+from .flow.verify import Captioner, video_flow_loss
 from .models.bundle import Bundle, load_bundle, save_bundle
-from .models.text import PromptEncoder, TextTokenizer, load_prompt_encoder
+from .models.text import PromptEncoder, TextTokenizer, shared_prompt_encoder
 from .models.transformer import UniViGUTransformer
 from .models.vae import CodecError, LatentCodec
+from .precision import autocast, bf16_is_fast
 
 
 class PipelineError(ValueError):
@@ -112,13 +111,6 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def bf16_is_fast(device: torch.device) -> bool:
-    """bf16 pays only on CUDA with bf16 support, or on CPUs with AVX-512 kernels."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -137,21 +129,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         warnings.warn(f"bf16 on {device} without fast bf16 kernels is emulated and much slower than fp32",
                       stacklevel=3)
     return dtype
-
-
-# Prompt encoders are the slow part to load; pipelines on the same config and device share one
-# for as long as any of them holds it (UMT5-xxl is tens of GB, so nothing keeps it alive longer).
-_ENCODERS: "weakref.WeakValueDictionary[tuple, PromptEncoder]" = weakref.WeakValueDictionary()
-
-
-def shared_prompt_encoder(config: PromptEncoderConfig, device: str | torch.device = "cpu") -> PromptEncoder:
-    """The prompt encoder `config` describes on `device`, reused while anything still holds it."""
-    key = (*to_dict(config).values(), str(torch.device(device)))
-    encoder = _ENCODERS.get(key)
-    if encoder is None:
-        encoder = load_prompt_encoder(config, device=device)
-        _ENCODERS[key] = encoder
-    return encoder
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,9 +276,7 @@ class UniViGUPipeline:
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):
-        if self.dtype == torch.bfloat16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.dtype == torch.bfloat16)
 
     def _require_text_stream(self, task: str) -> None:
         if not self.has_text_stream:
@@ -363,6 +338,19 @@ class UniViGUPipeline:
             video = self.codec.decode(latents.to(self.device)).float()
         return [tensor_to_frames(v) for v in video]
 
+    def captioner(self) -> Captioner:
+        """V2T with verification (flow/verify.py), the path `univigu eval` and validation share."""
+        self._require_text_stream("captioning")
+        length = self.transformer.config.text_length
+
+        def encode_text(captions: list[str]) -> torch.Tensor:
+            return self.tokenizer.encode(captions, length, truncate=True).to(self.device)
+
+        return Captioner(null_condition=self.null_condition, path=self.text_path, text_length=length,
+                         eos_id=self.tokenizer.eos_id, decode=self.tokenizer.decode,
+                         encode_prompts=self.encode_prompts, encode_text=encode_text,
+                         skip_ids=self.tokenizer.special_ids, levels=self.sampler.verify_levels)
+
     def _caption_latents(self, latents: torch.Tensor, seeds: list[int], options: TextSamplerOptions,
                          candidates: int | None = None):
         """Captions of clean latents; with `candidates` > 1 (default sampler.json), the one of that
@@ -370,62 +358,19 @@ class UniViGUPipeline:
         k = self.sampler.caption_candidates if candidates is None else candidates
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise PipelineError(f"candidates must be a positive integer, got {k!r}")
-        sample = self._sample_captions(latents, seeds, options)
-        if k == 1:
-            return self.tokenizer.decode(sample.tokens.cpu()), sample
-        batch = latents.shape[0]
-        # Candidate j of video i: the sampler's caption (j = 0), then posterior samples at
-        # temperature 1 with seeds of their own.
-        extra = self._sample_captions(latents.repeat_interleave(k - 1, 0),
-                                      [s * k + j for s in seeds for j in range(1, k)],
-                                      replace(options, temperature=1.0))
-        tokens = torch.cat([sample.tokens[:, None], extra.tokens.view(batch, k - 1, -1)], 1).cpu()
-        texts = [self.tokenizer.decode(row) for row in tokens]
-        chosen = self._verify_captions(latents, seeds, texts)
-        sequences = [[sample.sequences[i]] + extra.sequences[i * (k - 1):(i + 1) * (k - 1)] for i in range(batch)]
-        verified = TextSample(tokens=torch.stack([tokens[i, j] for i, j in enumerate(chosen)]),
-                              sequences=[sequences[i][j] for i, j in enumerate(chosen)],
-                              nfe=sample.nfe + (k - 1) * extra.nfe)
-        return [texts[i][j] for i, j in enumerate(chosen)], verified
-
-    def _sample_captions(self, latents: torch.Tensor, seeds: list[int], options: TextSamplerOptions):
-        batch = latents.shape[0]
         with torch.no_grad(), self._autocast():
-            return sample_text(self.transformer, latents, self.null_condition.expand(batch, -1, -1),
-                               self.text_path, self.transformer.config.text_length,
-                               eos_id=self.tokenizer.eos_id, options=options, seeds=seeds,
-                               skip_ids=self.tokenizer.special_ids)
+            return self.captioner().caption(self.transformer, latents, seeds, options, candidates=k)
 
     def caption_flow_loss(self, latents: torch.Tensor, captions: Sequence[str], seeds: Sequence[int],
                           levels: Sequence[float] | None = None) -> torch.Tensor:
         """The model's text-to-video flow-matching loss [B] of each clean latent under its caption,
         at `levels` (default sampler.json's verify_levels); rows with the same seed see the same
         noise (flow/verify.py). Lower: the generator finds the caption more likely."""
-        stream = None
-        if self.has_text_stream:
-            # As in T2V, the clean text stream holds what the condition encodes.
-            stream = self.tokenizer.encode(list(captions), self.transformer.config.text_length, truncate=True)
-            stream = stream.to(self.device)
         with torch.no_grad(), self._autocast():
-            return video_flow_loss(self.transformer, latents.to(self.device), stream, self.encode_prompts(captions),
-                                   seeds, levels=self.sampler.verify_levels if levels is None else levels)
-
-    def _verify_captions(self, latents: torch.Tensor, seeds: list[int], texts: list[list[str]]) -> list[int]:
-        """Per video, the index of its candidate caption with the lowest video flow loss; videos
-        whose candidates all agree are not scored."""
-        rows = [(i, j) for i, row in enumerate(texts) if len(set(row)) > 1
-                for j, text in enumerate(row) if text not in row[:j]]
-        chosen = [0] * len(texts)
-        if not rows:
-            return chosen
-        owners = [i for i, _ in rows]
-        losses = self.caption_flow_loss(latents[owners], [texts[i][j] for i, j in rows], [seeds[i] for i in owners])
-        videos = sorted(set(owners))
-        position = {v: n for n, v in enumerate(videos)}
-        best = pick_lowest(losses.cpu(), [position[i] for i in owners], len(videos))
-        for video, b in zip(videos, best):
-            chosen[video] = rows[b][1]
-        return chosen
+            if not self.has_text_stream:  # a generator scores captions as prompts only
+                return video_flow_loss(self.transformer, latents.to(self.device), None, self.encode_prompts(captions),
+                                       seeds, levels=self.sampler.verify_levels if levels is None else levels)
+            return self.captioner().flow_loss(self.transformer, latents.to(self.device), captions, seeds, levels)
 
     # ------------------------------------------------------------------ T2V
     def generate(self, prompt: str | Sequence[str], num_frames: int | None = None, height: int | None = None,

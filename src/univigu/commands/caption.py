@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .generate import CommandError, add_model_args, add_video_args, load_pipeline, parse_size
+from .generate import CommandError, add_model_args, add_video_args, load_pipeline
+from .sizes import parse_frame_size
 
 EPILOG = """\
 examples:
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    width, height = parse_size(args.size)
+    width, height = parse_frame_size(args.size)
     if args.batch_size < 1:
         raise CommandError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.base_seed < 0:

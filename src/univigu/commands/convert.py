@@ -23,7 +23,8 @@ import json
 import math
 from pathlib import Path
 
-from .generate import CommandError, parse_size
+from .generate import CommandError
+from .sizes import parse_frame_size as parse_size
 
 EPILOG = """\
 examples:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 
 from univigu.config import WorldConfig
+from .sizes import parse_frame_size
 
 
 class DataCommandError(ValueError):
@@ -94,14 +94,6 @@ def register(subparsers) -> None:
     index.set_defaults(func=run_index)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'32*32' or '48x32' -> (width, height)."""
-    match = re.fullmatch(r"\s*(\d+)\s*[*xX]\s*(\d+)\s*", text)
-    if not match:
-        raise DataCommandError(f"--size must look like W*H (e.g. 32*32), got '{text}'")
-    return int(match.group(1)), int(match.group(2))
-
-
 def parse_splits(text: str) -> dict[str, float]:
     """'train=0.8,val=0.1,test=0.1' -> {'train': 0.8, 'val': 0.1, 'test': 0.1}."""
     splits: dict[str, float] = {}
@@ -124,7 +116,7 @@ def run_synth(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise DataCommandError(f"--num must be at least 1, got {args.num}")
-    width, height = parse_size(args.size)
+    width, height = parse_frame_size(args.size)
     world = WorldConfig(width=width, height=height, frames=args.frames, fps=args.fps,
                         min_objects=(WorldConfig().min_objects if args.min_objects is None
                                      else args.min_objects),

@@ -1,5 +1,5 @@
 """`univigu generate`: text-to-video with Wan2.1's flag names. Also holds the helpers the other
-inference commands (`caption`, `joint`) share: runtime flags, sizes, loading and writing."""
+inference commands (`caption`, `joint`) share: runtime flags, loading and writing."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import argparse
 import random
 import re
 from pathlib import Path
+
+from .sizes import parse_frame_size
 
 EPILOG = """\
 examples:
@@ -68,16 +70,6 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contact_sheet", default=None, metavar="PATH.png",
                         help="also write a PNG with one column per frame")
     parser.add_argument("--fps", type=int, default=None, help="frame rate of the files (default: the model's)")
-
-
-def parse_size(text: str | None) -> tuple[int | None, int | None]:
-    """'W*H' (or 'WxH') -> (width, height); None -> (None, None)."""
-    if text is None:
-        return None, None
-    match = re.fullmatch(r"\s*(\d+)\s*[*xX]\s*(\d+)\s*", text)
-    if not match:
-        raise CommandError(f"--size must look like WIDTH*HEIGHT (e.g. 32*32), got {text!r}")
-    return int(match.group(1)), int(match.group(2))
 
 
 def check_prompt(prompt: str) -> str:
@@ -162,7 +154,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     prompt = check_prompt(args.prompt)
-    width, height = parse_size(args.size)
+    width, height = parse_frame_size(args.size)
     check_outputs(args)
     seed = resolve_seed(args.base_seed)
     pipe = load_pipeline(args)

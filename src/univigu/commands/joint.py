@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from .generate import (add_model_args, add_output_args, add_video_args, check_outputs, check_prompt, load_pipeline,
-                       parse_size, resolve_seed, write_outputs)
+                       resolve_seed, write_outputs)
+from .sizes import parse_frame_size
 
 EPILOG = """\
 examples:
@@ -40,7 +41,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     prompt = check_prompt(args.prompt)
-    width, height = parse_size(args.size)
+    width, height = parse_frame_size(args.size)
     check_outputs(args)
     seed = resolve_seed(args.base_seed)
     pipe = load_pipeline(args)

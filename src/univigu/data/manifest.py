@@ -1,4 +1,4 @@
-"""JSONL manifests: reading, atomic writing, indexing a folder of videos, and a dataset over them.
+"""JSONL manifests: reading, atomic writing, and indexing a folder of videos.
 
 A manifest holds one sample per line: ``{"video": path, "prompt": str, "caption": str, ...}``.
 Relative video paths resolve against the manifest's own folder, so a data set folder can move as
@@ -11,23 +11,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
-import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
-import torch
 
-from univigu.data.video_io import VideoError, load_video_tensor, probe_video
+from univigu.atomic import atomic_write_text
+from univigu.data.video_io import VideoError, probe_video
 
 
 class ManifestError(ValueError):
     """A manifest or caption table is missing, malformed or lacks a required field."""
-
-
-class SkippedVideosWarning(UserWarning):
-    """Some videos of a dataset could not be read and were skipped."""
 
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".gif", ".mpg",
@@ -106,33 +100,10 @@ def write_manifest(path: str | Path, records: Iterable[dict]) -> Path:
             lines.append(json.dumps(record, ensure_ascii=False, default=_json_default))
         except (TypeError, ValueError) as err:
             raise ManifestError(f"record {index} cannot be written as JSON: {err}") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write("".join(line + "\n" for line in lines))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (best effort: not every OS lets a folder be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,90 +305,3 @@ def index_videos(videos_dir: str | Path, captions_file: str | Path, out_path: st
                             f"no videos found in {videos_dir}")
     write_manifest(out_path, records)
     return records, bad
-
-
-# --------------------------------------------------------------------------------------------
-# Dataset
-# --------------------------------------------------------------------------------------------
-
-
-class VideoDataset(torch.utils.data.Dataset):
-    """Samples of a manifest: ``{"video": FloatTensor [3, F, H, W] in [-1, 1], "prompt", "caption",
-    "path", "index", ...other manifest fields}``.
-
-    Frames are sampled and resized as in `load_video_tensor` (`num_frames`, `size` = (W, H),
-    `stride` or `fps`). An unreadable video raises VideoError naming the file, unless `skip_bad`:
-    then the next readable sample takes its place, the bad one is remembered in `skipped`
-    (path -> reason), and iterating over the dataset ends with one warning that counts them.
-    """
-
-    def __init__(self, manifest: str | Path | Sequence[dict], num_frames: int | None = None,
-                 size: tuple[int, int] | None = None, stride: int | None = None,
-                 fps: float | None = None, skip_bad: bool = False,
-                 required: Sequence[str] = ("video", "prompt")):
-        if isinstance(manifest, (str, Path)):
-            self.records = read_manifest(manifest, required=required)
-            self.source = str(manifest)
-        else:
-            self.records = [dict(r) for r in manifest]
-            self.source = "records"
-        if not self.records:
-            raise ManifestError(f"manifest {self.source} holds no samples")
-        self.num_frames, self.size, self.stride, self.fps = num_frames, size, stride, fps
-        self.skip_bad = skip_bad
-        self.skipped: dict[str, str] = {}
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def _load(self, index: int) -> dict:
-        record = self.records[index]
-        video = load_video_tensor(record["video"], num_frames=self.num_frames, size=self.size,
-                                  stride=self.stride, fps=self.fps)
-        sample = dict(record)
-        sample.update(video=video, path=record["video"], index=index)
-        sample.setdefault("caption", record.get("prompt", ""))
-        return sample
-
-    def __getitem__(self, index: int) -> dict:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
-        index %= len(self)
-        if not self.skip_bad:
-            return self._load(index)
-        for offset in range(len(self)):
-            candidate = (index + offset) % len(self)
-            path = self.records[candidate]["video"]
-            if path in self.skipped:
-                continue
-            try:
-                return self._load(candidate)
-            except VideoError as err:
-                self.skipped[path] = str(err)
-        raise VideoError(f"none of the {len(self)} videos in {self.source} can be read "
-                         f"(first: {next(iter(self.skipped.values()))})")
-
-    def __iter__(self) -> Iterator[dict]:
-        """Every readable sample once; with `skip_bad`, one counted warning at the end."""
-        for index in range(len(self)):
-            if self.skip_bad:
-                path = self.records[index]["video"]
-                if path in self.skipped:
-                    continue
-                try:
-                    yield self._load(index)
-                except VideoError as err:
-                    self.skipped[path] = str(err)
-            else:
-                yield self._load(index)
-        if self.skip_bad:
-            self.warn_skipped(stacklevel=3)  # point at the loop that iterated
-
-    def warn_skipped(self, stacklevel: int = 2) -> int:
-        """Emit one warning counting the skipped videos (if any); return the count."""
-        if self.skipped:
-            first = next(iter(self.skipped.values()))
-            warnings.warn(f"skipped {len(self.skipped)} of {len(self)} videos in {self.source} "
-                          f"that could not be read (first: {first})", SkippedVideosWarning,
-                          stacklevel=stacklevel)
-        return len(self.skipped)

@@ -11,7 +11,6 @@ Conventions:
 from __future__ import annotations
 
 import math
-import os
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -21,6 +20,8 @@ import av
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from univigu.atomic import atomic_file
 
 
 class VideoError(ValueError):
@@ -397,9 +398,6 @@ def contact_sheet(videos: Sequence[np.ndarray], path: str | Path | None = None,
             big = frame.repeat(scale, axis=0).repeat(scale, axis=1)
             sheet.paste(Image.fromarray(big), (label_w + gap + col * (cell_w + gap), top))
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        sheet.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            sheet.save(tmp, format="PNG")
     return np.asarray(sheet)

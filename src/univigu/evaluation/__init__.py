@@ -4,8 +4,8 @@
 * `shapesworld_metrics` — `understanding_metrics` (v2t), `generation_metrics` (t2v),
   `joint_metrics` (joint), with 95% Wilson intervals, as flat dicts (`t2v.all_correct`, ...).
 * `report.write_report` — metrics.json plus a self-contained report.html with GIFs.
-
-Running a model over a manifest lives in `univigu.commands.eval` (`evaluate`, `Evaluatee`).
+* `harness.evaluate` — running a model (an `Evaluatee`, e.g. `PipelineEvaluatee`) over manifest
+  samples, scoring every split and writing the report; `univigu eval` and `univigu demo` call it.
 Names are imported lazily so `import univigu.evaluation` stays cheap.
 """
 
@@ -23,6 +23,11 @@ _EXPORTS = {
     "ShapesWorldMetricError": "shapesworld_metrics",
     "write_report": "report",
     "render_html": "report",
+    "evaluate": "harness",
+    "Evaluatee": "harness",
+    "EvalError": "harness",
+    "PipelineEvaluatee": "harness",
+    "load_samples": "harness",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,6 @@
-"""The unified flow: probability paths, losses and samplers (DESIGN.md section 4)."""
+"""The unified flow (DESIGN.md section 4), one concept per module: paths (and the time
+conventions), losses, sampler options, random sources, guidance and the model caller, video
+solvers, categorical draws, text updates, the three task samplers, and caption verification."""
 
 from .losses import (
     JointLoss,
@@ -32,26 +34,13 @@ from .paths import (
     timestep_to_noise_level,
     unshift_noise_level,
 )
-from .samplers import (
-    JointSample,
-    JointSamplerOptions,
-    RandomSource,
-    TextSample,
-    TextSamplerOptions,
-    VideoODESolver,
-    VideoSample,
-    VideoSamplerOptions,
-    confidence_step,
-    decode_tokens,
-    discrete_euler_step,
-    guide,
-    guide_logits,
-    sample_categorical,
-    sample_joint,
-    sample_text,
-    sample_video,
-    supports_cache,
-)
-from .verify import pick_lowest, video_flow_loss
+from .categorical import draw_categorical, sample_categorical
+from .guidance import ModelCaller, guide, guide_logits, supports_cache
+from .options import JointSamplerOptions, TextSamplerOptions, VideoSamplerOptions
+from .randomness import RandomSource
+from .samplers import JointSample, TextSample, VideoSample, sample_joint, sample_text, sample_video
+from .text_updates import TextUpdater, confidence_step, decode_tokens, discrete_euler_step
+from .video_solvers import VideoODESolver
+from .verify import Captioner, pick_lowest, video_flow_loss
 
 __all__ = [name for name in dir() if not name.startswith("_")]

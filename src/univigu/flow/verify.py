@@ -11,19 +11,29 @@ On ShapesWorld the shipped generator ranks the caption with the true shape first
 199-200 of 200 test videos at any single noise level in 0.1-0.5 (benchmarks/bench_verify.py), while
 the text stream, reading the same videos, is right about half the time: generation knows more than
 the reader has learned.
+
+`Captioner` is V2T as a whole, the one path the pipeline (`caption`, `joint`'s captions under
+`univigu eval`) and training's validation share: draw K captions per video (the first with the
+sampler's options, the rest at temperature 1 with seeds of their own), score the distinct ones by
+`video_flow_loss`, keep the lowest. It knows the tokenizer and the prompt encoder only as callables.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from .paths import FlowError, noise_level_to_timestep
-from .samplers import RandomSource
+from ..config import SamplerConfig
+from .losses import velocity_mse
+from .options import TextSamplerOptions
+from .paths import FlowError, MixtureTextPath, RectifiedFlowPath, noise_level_to_timestep
+from .randomness import RandomSource
+from .samplers import TextSample, sample_text
 
-DEFAULT_LEVELS = (0.3, 0.5)
+DEFAULT_LEVELS = SamplerConfig().verify_levels
 
 
 def video_flow_loss(model: Any, latents: torch.Tensor, text: torch.Tensor | None, condition: torch.Tensor,
@@ -45,6 +55,7 @@ def video_flow_loss(model: Any, latents: torch.Tensor, text: torch.Tensor | None
         raise FlowError(f"verification levels must lie in (0, 1), got {list(levels)}")
     if condition.shape[0] != batch or (text is not None and text.shape[0] != batch) or len(seeds) != batch:
         raise FlowError("latents, text, condition and seeds must have one row per candidate")
+    path = RectifiedFlowPath()
     losses = torch.zeros(batch, device=latents.device)
     for start in range(0, batch, batch_size):
         rows = slice(start, start + batch_size)
@@ -55,11 +66,11 @@ def video_flow_loss(model: Any, latents: torch.Tensor, text: torch.Tensor | None
         noise = RandomSource(n, seeds=list(seeds[rows])).randn((n, len(levels), *x.shape[1:]), device=x.device)
         text_t = None if text is None else torch.zeros(n, device=x.device)
         for j, s in enumerate(levels):
-            eps = noise[:, j]
-            noisy = (1.0 - s) * x + s * eps
-            t = noise_level_to_timestep(torch.full((n,), float(s), device=x.device))
-            velocity, _ = model(noisy, None if text is None else text[rows], t, text_t, condition[rows])
-            losses[rows] += (velocity.float() - (eps - x)).pow(2).flatten(1).mean(1) / len(levels)
+            level = torch.full((n,), float(s), device=x.device)
+            sample = path.sample(x, level, noise=noise[:, j])
+            velocity, _ = model(sample.noisy, None if text is None else text[rows], noise_level_to_timestep(level),
+                                text_t, condition[rows])
+            losses[rows] += velocity_mse(velocity, sample.target) / len(levels)
     return losses
 
 
@@ -73,3 +84,83 @@ def pick_lowest(losses: torch.Tensor, owners: Sequence[int], num_videos: int) ->
     if missing:
         raise FlowError(f"video {missing[0]} has no candidate caption")
     return best
+
+
+@dataclass
+class Captioner:
+    """V2T with verification for one model's vocabulary and prompt encoder.
+
+    Args:
+        null_condition: ``[1, Lc, D]`` or ``[Lc, D]``, the condition captions are sampled under.
+        path, text_length, eos_id, skip_ids: the text stream's path, canvas length and special ids.
+        decode: tokens ``[B, L]`` -> captions.
+        encode_prompts: captions -> prompt embeddings ``[B, Lc, D]`` on the model's device.
+        encode_text: captions -> clean text-stream tokens ``[B, L]`` (as in T2V, the stream holds
+            what the condition encodes), or None for a model without a text stream.
+        levels: the noise levels of the flow loss.
+    """
+
+    null_condition: torch.Tensor
+    path: MixtureTextPath
+    text_length: int
+    eos_id: int
+    decode: Callable[[torch.Tensor], list[str]]
+    encode_prompts: Callable[[list[str]], torch.Tensor]
+    encode_text: Callable[[list[str]], torch.Tensor] | None = None
+    skip_ids: Sequence[int] = ()
+    levels: Sequence[float] = DEFAULT_LEVELS
+
+    def sample(self, model, latents: torch.Tensor, seeds: list[int], options: TextSamplerOptions) -> TextSample:
+        """One caption per video from the text sampler, under the null condition."""
+        null = self.null_condition.reshape(1, *self.null_condition.shape[-2:]).to(latents.device)
+        return sample_text(model, latents, null.expand(latents.shape[0], -1, -1), self.path, self.text_length,
+                           eos_id=self.eos_id, options=options, seeds=seeds, skip_ids=self.skip_ids)
+
+    def flow_loss(self, model, latents: torch.Tensor, captions: Sequence[str], seeds: Sequence[int],
+                  levels: Sequence[float] | None = None) -> torch.Tensor:
+        """The text-to-video flow loss ``[B]`` of each clean latent under its caption."""
+        captions = list(captions)
+        stream = None if self.encode_text is None else self.encode_text(captions)
+        return video_flow_loss(model, latents, stream, self.encode_prompts(captions), seeds,
+                               levels=self.levels if levels is None else levels)
+
+    def caption(self, model, latents: torch.Tensor, seeds: list[int], options: TextSamplerOptions,
+                candidates: int = 1) -> tuple[list[str], TextSample]:
+        """(captions, their TextSample): with `candidates` K > 1, per video the one of K drawn that
+        the model's own video flow finds most likely. `nfe` counts the sampler's calls only."""
+        k = candidates
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise FlowError(f"candidates must be a positive integer, got {k!r}")
+        sample = self.sample(model, latents, seeds, options)
+        if k == 1:
+            return self.decode(sample.tokens.cpu()), sample
+        batch = latents.shape[0]
+        # Candidate j of video i: the sampler's caption (j = 0), then posterior samples at
+        # temperature 1 with seeds of their own.
+        extra = self.sample(model, latents.repeat_interleave(k - 1, 0),
+                            [s * k + j for s in seeds for j in range(1, k)], replace(options, temperature=1.0))
+        tokens = torch.cat([sample.tokens[:, None], extra.tokens.view(batch, k - 1, -1)], 1).cpu()
+        texts = [self.decode(row) for row in tokens]
+        chosen = self.choose(model, latents, seeds, texts)
+        sequences = [[sample.sequences[i]] + extra.sequences[i * (k - 1):(i + 1) * (k - 1)] for i in range(batch)]
+        verified = TextSample(tokens=torch.stack([tokens[i, j] for i, j in enumerate(chosen)]),
+                              sequences=[sequences[i][j] for i, j in enumerate(chosen)],
+                              nfe=sample.nfe + (k - 1) * extra.nfe)
+        return [texts[i][j] for i, j in enumerate(chosen)], verified
+
+    def choose(self, model, latents: torch.Tensor, seeds: list[int], texts: list[list[str]]) -> list[int]:
+        """Per video, the index of its candidate caption with the lowest video flow loss; videos
+        whose candidates all agree are not scored, and repeated candidates are scored once."""
+        rows = [(i, j) for i, row in enumerate(texts) if len(set(row)) > 1
+                for j, text in enumerate(row) if text not in row[:j]]
+        chosen = [0] * len(texts)
+        if not rows:
+            return chosen
+        owners = [i for i, _ in rows]
+        losses = self.flow_loss(model, latents[owners], [texts[i][j] for i, j in rows], [seeds[i] for i in owners])
+        videos = sorted(set(owners))
+        position = {v: n for n, v in enumerate(videos)}
+        best = pick_lowest(losses.cpu(), [position[i] for i in owners], len(videos))
+        for video, b in zip(videos, best):
+            chosen[video] = rows[b][1]
+        return chosen

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write_text
 from ..config import (CodecConfig, FlowConfig, PromptEncoderConfig, SamplerConfig, WorldConfig, from_dict,
                       to_dict)
 from .text import TextTokenizer, load_null_condition, load_prompt_encoder
@@ -49,9 +50,7 @@ class Bundle:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def save_bundle(directory: str | Path, transformer: UniViGUTransformer, codec: LatentCodec,

@@ -1,17 +1,14 @@
-"""Encode videos and prompts once, for the trainer's latent / prompt-embedding cache.
+"""Encode prompts once, for the trainer's prompt-embedding cache, and the content keys of that cache.
 
 Results are keyed by `content_key` (sha1 of the prompt text or of the video tensor's bytes), so
 a cache can be filled incrementally and shared between runs that see the same content. Keys do not
 name the codec or encoder: keep one cache per codec / encoder config.
 
-bf16 autocast is used only where it is safe and helps: learned components (Wan VAE, UMT5) on
-CUDA. The pixel-shuffle codec is an exact rearrangement and always runs in the input dtype; the
-MiniLM default runs in fp32.
+bf16 autocast is used only where it is safe and helps: UMT5 on CUDA; the MiniLM default runs in fp32.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from typing import Iterable, Sequence
 
@@ -20,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from univigu.models.text import PromptEncoder
-from univigu.models.vae import CodecError, LatentCodec
+from univigu.precision import autocast
 
 
 def content_key(obj) -> str:
@@ -47,72 +44,9 @@ def content_key(obj) -> str:
     return h.hexdigest()
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 def _batches(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def _module_device(module: torch.nn.Module, default: torch.device) -> torch.device:
-    param = next(iter(module.parameters()), None)
-    return param.device if param is not None else default
-
-
-@torch.no_grad()
-def encode_videos(codec: LatentCodec, videos: Sequence[torch.Tensor] | torch.Tensor, *,
-                  batch_size: int = 8, device: str | torch.device | None = None,
-                  bf16: bool | None = None, progress: bool = True,
-                  desc: str = "encoding videos") -> dict[str, torch.Tensor]:
-    """Encode videos (`[3, F, H, W]` each, or a `[N, 3, F, H, W]` tensor) to latents.
-
-    Returns `{content_key(video): latent [C, F', H', W'] float32 on CPU}`; duplicates are
-    encoded once. Videos of different sizes are batched separately. `bf16=None` means: autocast
-    only for learned codecs on CUDA.
-    """
-    if isinstance(videos, torch.Tensor):
-        if videos.ndim != 5:
-            raise CodecError(f"videos must be [N, 3, F, H, W] or a list of [3, F, H, W], "
-                             f"got shape {list(videos.shape)}")
-        videos = list(videos)
-    videos = list(videos)
-    if not videos:
-        raise CodecError("no videos to encode")
-    for i, v in enumerate(videos):
-        if not isinstance(v, torch.Tensor) or v.ndim != 4 or v.shape[0] != 3:
-            shape = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise CodecError(f"video {i} must be a [3, F, H, W] tensor, got {shape}")
-    device = torch.device(device) if device is not None else _module_device(
-        codec, torch.device("cpu"))
-    exact = codec.kind == "pixel_shuffle"
-    if bf16 is None:
-        bf16 = not exact and device.type == "cuda"
-    if exact:
-        bf16 = False  # a rearrangement: bf16 would only lose bits
-
-    unique: dict[str, torch.Tensor] = {}
-    for v in videos:
-        unique.setdefault(content_key(v), v)
-    by_shape: dict[tuple, list[str]] = {}
-    for key, v in unique.items():
-        by_shape.setdefault(tuple(v.shape), []).append(key)
-
-    out: dict[str, torch.Tensor] = {}
-    with tqdm(total=len(unique), desc=desc, disable=not progress, unit="video") as bar:
-        for keys in by_shape.values():
-            for chunk in _batches(keys, batch_size):
-                batch = torch.stack([unique[k] for k in chunk]).to(device)
-                with _autocast(device, bf16):
-                    latents = codec.encode(batch)
-                latents = latents.float().cpu()
-                for k, lat in zip(chunk, latents):
-                    out[k] = lat.clone()
-                bar.update(len(chunk))
-    return out
 
 
 @torch.no_grad()
@@ -132,7 +66,7 @@ def encode_prompts(encoder: PromptEncoder, prompts: Sequence[str], *, batch_size
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with tqdm(total=len(unique), desc=desc, disable=not progress, unit="prompt") as bar:
         for chunk in _batches(unique, batch_size):
-            with _autocast(device, bf16):
+            with autocast(device, bf16):
                 emb, mask = encoder.encode(chunk)
             emb, mask = emb.float().cpu(), mask.cpu()
             for i, p in enumerate(chunk):

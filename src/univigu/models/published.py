@@ -26,7 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..config import ConfigError, TransformerConfig, from_dict, to_dict
-from .convert import CheckpointError, build_from_state_dict, load_state_dict_from_dir, read_diffusers_wan
+from .convert import build_from_state_dict, read_diffusers_wan
+from .weights import CheckpointError, load_state_dict_from_dir
 from .transformer import UniViGUTransformer
 
 #: Wrapper prefixes that FSDP and torch.compile insert into parameter names.

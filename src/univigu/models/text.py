@@ -17,13 +17,14 @@ zero-padded — or all zeros with `null="zeros"` (what the published Uni-ViGU us
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from univigu.config import PromptEncoderConfig, TokenizerConfig
+from univigu.config import PromptEncoderConfig, TokenizerConfig, to_dict
 
 
 class PromptEncoderError(ValueError):
@@ -119,10 +120,6 @@ class PromptEncoder(nn.Module):
         """The `PromptEncoderConfig` fields that rebuild this encoder."""
         return {"kind": self.kind, "path": getattr(self, "path", None),
                 "condition_length": self.condition_length, "null_condition": self.null}
-
-    def clear_cache(self) -> None:
-        if self._cache is not None:
-            self._cache.clear()
 
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(prompts)
@@ -617,3 +614,18 @@ def load_null_condition(directory: str | Path) -> tuple[torch.Tensor, torch.Tens
     if "embedding" not in tensors or "mask" not in tensors:
         raise PromptEncoderError(f"{path} must hold 'embedding' and 'mask' tensors")
     return tensors["embedding"][None], tensors["mask"][None]
+
+
+# Prompt encoders are the slow part to load; users on the same config and device share one
+# for as long as any of them holds it (UMT5-xxl is tens of GB, so nothing keeps it alive longer).
+_ENCODERS: "weakref.WeakValueDictionary[tuple, PromptEncoder]" = weakref.WeakValueDictionary()
+
+
+def shared_prompt_encoder(config: PromptEncoderConfig, device: str | torch.device = "cpu") -> PromptEncoder:
+    """The prompt encoder `config` describes on `device`, reused while anything still holds it."""
+    key = (*to_dict(config).values(), str(torch.device(device)))
+    encoder = _ENCODERS.get(key)
+    if encoder is None:
+        encoder = load_prompt_encoder(config, device=device)
+        _ENCODERS[key] = encoder
+    return encoder

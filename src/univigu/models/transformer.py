@@ -18,14 +18,16 @@ import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..atomic import atomic_file, atomic_write_text
 from ..config import TransformerConfig, from_dict, to_dict
+from ..flow.paths import timestep_to_noise_level
 from .layers import (
     FeedForward,
     FP32LayerNorm,
@@ -37,8 +39,10 @@ from .layers import (
     text_rope,
     video_rope,
 )
+from .weights import check_state_dict, load_state_dict_from_dir
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+QK_NORM = "rms_norm_across_heads"  # the only query/key norm diffusers' Wan builds
 CONFIG_NAME = "config.json"
 
 
@@ -107,6 +111,18 @@ def _cat_tokens(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+class Modulation(NamedTuple):
+    """A block's six modulation chunks [B, 1, D] (fp32), named as diffusers names them: shift,
+    scale and gate of the self-attention input (msa) and of the feed-forward input (c_*)."""
+
+    shift_msa: torch.Tensor
+    scale_msa: torch.Tensor
+    gate_msa: torch.Tensor
+    c_shift_msa: torch.Tensor
+    c_scale_msa: torch.Tensor
+    c_gate_msa: torch.Tensor
+
+
 class UniViGUBlock(nn.Module):
     """A Wan block whose FFN is routed by modality; attention, cross-attention, norms and the
     modulation table are shared by both streams.
@@ -154,12 +170,13 @@ class UniViGUBlock(nn.Module):
                             for x, (_, _, kind) in zip(parts, streams)])
 
     def _modulated_inputs(self, streams):
-        """(per-stream modulations, 6 chunks each; per-stream normed and modulated self-attention
-        inputs in the compute dtype)."""
-        mods = [(self.scale_shift_table + mod.float()).chunk(6, dim=1) for _, mod, _ in streams]
+        """(per-stream `Modulation`s; per-stream normed and modulated self-attention inputs in the
+        compute dtype)."""
+        mods = [Modulation(*(self.scale_shift_table + mod.float()).chunk(6, dim=1)) for _, mod, _ in streams]
         low = compute_dtype(self.attn1.to_q, streams[0][0].device.type)
         # addcmul: the modulations and gated residuals in one pass each (mul then add is two).
-        normed = [torch.addcmul(m[0], self.norm1(h), 1 + m[1]).to(low) for (h, _, _), m in zip(streams, mods)]
+        normed = [torch.addcmul(m.shift_msa, self.norm1(h), 1 + m.scale_msa).to(low)
+                  for (h, _, _), m in zip(streams, mods)]
         return mods, normed
 
     def keys_values(self, streams, rope: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +215,7 @@ class UniViGUBlock(nn.Module):
         elif prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=1), torch.cat([prefix_kv[1], v], dim=1)
         attn = self.attn1.attend(q, k, v, self._attention_mask(mask, video_text, q.dtype)).split(sizes, dim=1)
-        hidden = [torch.addcmul(h, a, m[2]) for (h, _, _), a, m in zip(streams, attn, mods)]
+        hidden = [torch.addcmul(h, a, m.gate_msa) for (h, _, _), a, m in zip(streams, attn, mods)]
 
         x = _cat_tokens(hidden)
         ck, cv = context_kv if context_kv is not None else self.attn2.project_kv(context)
@@ -210,8 +227,8 @@ class UniViGUBlock(nn.Module):
         out = []
         for h, (_, _, kind), m in zip(hidden, streams, mods):
             ffn = self.ffn if kind == "video" else self.text_ffn
-            y = ffn(torch.addcmul(m[3], self.norm3(h), 1 + m[4]).to(low))
-            out.append(torch.addcmul(h, y, m[5]))
+            y = ffn(torch.addcmul(m.c_shift_msa, self.norm3(h), 1 + m.c_scale_msa).to(low))
+            out.append(torch.addcmul(h, y, m.c_gate_msa))
         return out, new_kv
 
 
@@ -285,6 +302,12 @@ class UniViGUTransformer(nn.Module):
             raise ModelInputError(f"attention_head_dim must be even, got {config.attention_head_dim}")
         if not 0 < config.sample_prediction_min_t <= 1:
             raise ModelInputError(f"sample_prediction_min_t must lie in (0, 1], got {config.sample_prediction_min_t}")
+        # qk_norm and rope_max_seq_len are kept for the diffusers config.json round trip; the one
+        # norm built is the across-heads RMSNorm, and RoPE is computed for any length up to the bound.
+        if config.qk_norm != QK_NORM:
+            raise ModelInputError(f"qk_norm={config.qk_norm!r} is not supported (only {QK_NORM!r}, as diffusers' Wan)")
+        if config.rope_max_seq_len < 1:
+            raise ModelInputError(f"rope_max_seq_len must be a positive integer, got {config.rope_max_seq_len}")
         self.config = config
         self.gradient_checkpointing = False
         dim = config.inner_dim
@@ -364,7 +387,11 @@ class UniViGUTransformer(nn.Module):
         if f % pt or h % ph or w % pw:
             raise ModelInputError(
                 f"latent frames/height/width {f}x{h}x{w} must be divisible by the patch size {tuple(cfg.patch_size)}")
-        return f // pt, h // ph, w // pw
+        grid = (f // pt, h // ph, w // pw)
+        if max(grid) > cfg.rope_max_seq_len:  # diffusers' RoPE tables end there
+            raise ModelInputError(f"a patch grid of {grid[0]}x{grid[1]}x{grid[2]} exceeds rope_max_seq_len="
+                                  f"{cfg.rope_max_seq_len} positions per axis")
+        return grid
 
     def _check_text(self, text: torch.Tensor) -> None:
         if self.text_stream is None:
@@ -421,7 +448,7 @@ class UniViGUTransformer(nn.Module):
         cfg = self.config
         if cfg.video_prediction == "velocity":
             return out
-        t = (timestep.float() / 1000).clamp(min=cfg.sample_prediction_min_t)
+        t = timestep_to_noise_level(timestep.float()).clamp(min=cfg.sample_prediction_min_t)
         return (video.float() - out) / t.view(-1, *([1] * (out.dim() - 1)))
 
     def _text_head(self, ht, temb):
@@ -649,10 +676,9 @@ class UniViGUTransformer(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp))
-        tmp.replace(directory / WEIGHTS_NAME)
-        (directory / CONFIG_NAME).write_text(json.dumps(
+        with atomic_file(directory / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp))
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(
             {"_class_name": "UniViGUTransformer", **to_dict(self.config)}, indent=2))
 
     @classmethod
@@ -663,9 +689,6 @@ class UniViGUTransformer(nn.Module):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
         data = json.loads(config_path.read_text())
         data.pop("_class_name", None)
-        # convert.py imports this module, so import its checkpoint helpers lazily.
-        from .convert import check_state_dict, load_state_dict_from_dir
-
         model = cls(from_dict(TransformerConfig, data))
         state = load_state_dict_from_dir(directory, device=device)  # single file or sharded + index
         check_state_dict(model, state, str(directory))  # CheckpointError naming missing/unexpected keys

@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_file, atomic_write_text
 from ..config import CodecConfig, PromptEncoderConfig, WorldConfig, to_dict
 from ..data.manifest import read_manifest
 from ..data.video_io import VideoError, frames_to_tensor, probe_video, read_video
@@ -80,12 +81,6 @@ def file_sha1(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------
 # A folder of safetensors shards, keyed by string
 # --------------------------------------------------------------------------------------------
@@ -102,7 +97,7 @@ class TensorStore:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         if config is not None and not (self.directory / "config.json").is_file():
-            _atomic_write_text(self.directory / "config.json", json.dumps(config, indent=2, default=str))
+            atomic_write_text(self.directory / "config.json", json.dumps(config, indent=2, default=str))
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
         self.refresh()
@@ -146,11 +141,8 @@ class TensorStore:
     def _write(self, batch: dict[str, torch.Tensor]) -> None:
         name = hashlib.sha1("\n".join(sorted(batch)).encode()).hexdigest()[:20]
         final = self.directory / f"shard-{name}.safetensors"
-        tmp = self.directory / f".shard-{name}.{os.getpid()}.tmp"
-        save_file(batch, str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        with atomic_file(final) as tmp:
+            save_file(batch, str(tmp))
         for key in batch:
             self._where.setdefault(key, final)
 
@@ -297,7 +289,7 @@ class FileHashes:
 
     def save(self) -> None:
         if self.dirty:
-            _atomic_write_text(self.path, json.dumps(self.memo))
+            atomic_write_text(self.path, json.dumps(self.memo))
 
 
 def latent_key(file_hash: str, bucket: Bucket) -> str:

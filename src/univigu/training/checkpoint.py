@@ -17,7 +17,6 @@ newest complete one; stale temporary folders are removed by the next save.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -25,34 +24,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import TMP_PREFIX, atomic_directory, begin_directory, publish_directory, temporary_name
+from ..models.weights import CheckpointError
+from .build import TrainingError
+
 PREFIX = "ckpt-"
-TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(ValueError):
-    """A training checkpoint is missing or unreadable."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            _fsync_file(f)
-        elif f.is_dir():
-            _fsync_dir(f)
-    _fsync_dir(path)
 
 
 def _plain_state(state: dict) -> dict:
@@ -72,23 +48,20 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _paths(run_dir: Path, step: int) -> tuple[Path, Path]:
-    return run_dir / f"{PREFIX}{step:08d}", run_dir / f"{TMP_PREFIX}{PREFIX}{step:08d}"
-
-
-def _remove_stale_tmp(run_dir: Path) -> None:
+def _begin(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """(final folder, empty temporary folder) of checkpoint `step`; stale temporary folders of
+    interrupted writes are removed."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(f"{TMP_PREFIX}{PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
+    final = run_dir / f"{PREFIX}{step:08d}"
+    return final, begin_directory(final)
 
 
 def _publish(tmp: Path, final: Path, run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-    """Write state.json last, fsync everything, rename into place, prune old checkpoints."""
+    """Write state.json last, rename into place (atomic.py), prune old checkpoints."""
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    _fsync_dir(run_dir)
+    publish_directory(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -103,10 +76,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, ema_state
                     optimizer_state: dict, state: dict, keep_last: int = 2) -> Path:
     """Write checkpoint `step` atomically (safetensors format) and prune all but the newest `keep_last`."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final, tmp = _paths(run_dir, step)
-    _remove_stale_tmp(run_dir)
-    tmp.mkdir()
+    final, tmp = _begin(run_dir, step)
     save_file(_plain_state(model_state), str(tmp / "model.safetensors"))
     if ema_state is not None:
         save_file(_plain_state(ema_state), str(tmp / "ema.safetensors"))
@@ -181,11 +151,9 @@ def save_training_state(run_dir: str | Path, step: int, model, optimizer, ema: d
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    final, tmp = _paths(run_dir, step)
+    final, tmp = run_dir / f"{PREFIX}{step:08d}", temporary_name(run_dir / f"{PREFIX}{step:08d}")
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tmp(run_dir)
-        tmp.mkdir()
+        _begin(run_dir, step)
     ctx.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state, "ema": ema}, checkpoint_id=str(tmp / "dcp"))
@@ -283,3 +251,83 @@ def read_weights(path: str | Path, which: str = "model") -> dict[str, torch.Tens
         warnings.simplefilter("ignore")
         dcp.load({which: target}, storage_reader=reader, no_dist=True)
     return target
+
+
+# --------------------------------------------------------------------------------------------
+# The manager a training run talks to
+# --------------------------------------------------------------------------------------------
+
+
+def lower_is_better(metric: str) -> bool:
+    return "loss" in metric
+
+
+class CheckpointManager:
+    """Cadence, keep-last-N, resume and the best model of one run folder (torchtitan's split).
+
+    `OUT/checkpoints/ckpt-N` are training checkpoints; `OUT/best` is the model directory of the
+    best validation value so far, with `best.json`. Both are written through `atomic.py`. Under
+    torchrun every rank calls `save` and `resume`; `keep_best` runs on rank 0 only.
+    """
+
+    def __init__(self, out: Path, train, dist=None):
+        self.run_dir, self.best_dir = Path(out) / "checkpoints", Path(out) / "best"
+        self.train, self.dist = train, dist
+        self.best: dict | None = None  # {"metric", "value", "step"}
+
+    def _on_rank0(self, compute):
+        value = compute() if self.dist is None or self.dist.is_main else None
+        return value if self.dist is None else self.dist.broadcast_object(value)
+
+    def due(self, step: int) -> bool:
+        """A periodic checkpoint at `step` (the final one is `save_final`'s)."""
+        every = self.train.save_every
+        return bool(every) and step % every == 0 and step != self.train.steps
+
+    def save(self, step: int, model, optimizer, ema: dict, state: dict) -> Path:
+        state = {"stage": self.train.stage, "best": self.best, **state}
+        return save_training_state(self.run_dir, step, model, optimizer, ema, state,
+                                   keep_last=self.train.keep_last, ctx=self.dist)
+
+    def save_final(self, step: int, model, optimizer, ema: dict, state: dict) -> None:
+        """Save `step` unless the newest checkpoint already is that step."""
+        latest = self._on_rank0(lambda: latest_checkpoint(self.run_dir))
+        if latest is None or read_state(latest)["step"] != step:
+            self.save(step, model, optimizer, ema, state)
+
+    def resume(self, model, optimizer, ema: dict) -> int:
+        """Restore the newest checkpoint in place; its step (0 when there is none)."""
+        last = self._on_rank0(lambda: latest_checkpoint(self.run_dir))
+        if last is None:
+            return 0
+        stage = read_state(last).get("stage")
+        if stage != self.train.stage:
+            raise TrainingError(f"{self.run_dir.parent} holds a checkpoint of stage {stage!r}, not "
+                                  f"{self.train.stage!r}: give each stage its own train.output_dir")
+        state = restore_training_state(last, model, optimizer, ema, ctx=self.dist)
+        self.best = state.get("best")
+        return state["step"]
+
+    def keep_best(self, metrics: dict, step: int, write_model) -> bool:
+        """Keep `OUT/best` if `metrics` beat the best so far; `write_model(folder)` writes the model
+        directory. Returns whether it was replaced."""
+        name = self.train.best_metric
+        value = metrics.get(name)
+        if not isinstance(value, (int, float)):
+            warnings.warn(f"train.best_metric {name!r} is not among the validation metrics "
+                          f"({', '.join(sorted(k for k in metrics if not k.endswith('_ci95')))})", stacklevel=2)
+            return False
+        if self.best is not None and self.best.get("metric") == name:
+            old = self.best["value"]
+            if (value >= old) if lower_is_better(name) else (value <= old):
+                return False
+        self.best = {"metric": name, "value": float(value), "step": step}
+        with atomic_directory(self.best_dir) as tmp:
+            write_model(tmp)
+            (tmp / "best.json").write_text(json.dumps(self.best, indent=2))
+        return True
+
+    def share_best(self) -> None:
+        """Give every rank rank 0's record of the best model."""
+        if self.dist is not None:
+            self.best = self.dist.broadcast_object(self.best)

@@ -6,14 +6,14 @@
   are comparable. `val.loss = val.video_loss + lambda * val.text_loss`.
 * `Validator.oracle` — ShapesWorld only: T2V videos sampled from the prompts are read back by the
   pixel oracle; V2T captions are sampled with the NULL condition (so Knowledge Recall cannot pass by
-  copying the prompt from the condition) and parsed; both are scored against the true attributes
-  (`evaluation.shapesworld_metrics`).
+  copying the prompt from the condition), each the best of `sampler.caption_candidates` through the
+  pipeline's own captioning path (`flow.verify.Captioner`), and parsed; both are scored against
+  the true attributes (`evaluation.shapesworld_metrics`).
 * `Validator.samples` — GIFs and captions of a few fixed prompts and videos.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +22,12 @@ import torch
 
 from ..data.video_io import tensor_to_frames
 from ..flow.losses import joint_loss
-from ..flow.paths import RectifiedFlowPath
-from ..flow.samplers import TextSamplerOptions, VideoSamplerOptions, sample_text, sample_video
+from ..flow.paths import RectifiedFlowPath, noise_level_to_timestep
+from ..flow.options import TextSamplerOptions, VideoSamplerOptions
+from ..flow.samplers import sample_video
+from ..flow.verify import Captioner
+from ..models.text import shared_prompt_encoder
+from ..precision import autocast
 from .logging import write_samples
 
 
@@ -50,27 +54,40 @@ class ValidationData:
         return len(self.prompts)
 
 
+def validation_data(source, codec, prompts, num_samples: int) -> ValidationData:
+    """The held-out samples validation uses: all of a ShapesWorld set; for real data the clips of
+    its first bucket (one size), at most `num_samples`."""
+    index = np.arange(len(source))
+    if hasattr(source, "bucket_of"):
+        index = index[source.bucket_of == source.bucket_of[0]][:num_samples]
+    truths = getattr(source, "truths", None)
+    return ValidationData(latents=source.latents(index, codec),
+                          condition=prompts([source.prompts[i] for i in index]),
+                          prompts=[source.prompts[i] for i in index],
+                          captions=[source.captions[i] for i in index],
+                          truths=None if truths is None else [truths[i] for i in index])
+
+
 class Validator:
     """Runs validation of one stage on a fixed held-out set (rank 0 only, on a plain model)."""
 
     def __init__(self, data: ValidationData, *, stage: str, codec, null_condition: torch.Tensor, tokenizer,
                  text_path, flow_config, sampler_config, world, text_length: int, seed: int,
-                 device: torch.device, bf16: bool = False, batch_size: int = 16):
+                 device: torch.device, bf16: bool = False, batch_size: int = 16, prompt_encoder_config=None):
         self.data, self.stage, self.codec = data, stage, codec
         self.null = null_condition.float()
         self.tokenizer, self.text_path = tokenizer, text_path
         self.flow, self.sampler, self.world = flow_config, sampler_config, world
         self.text_length, self.seed = text_length, seed
         self.device, self.bf16, self.batch_size = torch.device(device), bf16, batch_size
+        self.prompt_encoder_config = prompt_encoder_config
         self.text = None
         if tokenizer is not None:
             source = data.prompts if stage == "knowledge_recall" else data.captions
             self.text = tokenizer.encode(source, text_length, truncate=True)
 
     def _autocast(self):
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return autocast(self.device, self.bf16)
 
     def _chunks(self, n: int):
         for start in range(0, n, self.batch_size):
@@ -93,8 +110,9 @@ class Validator:
             sample = path.sample(clean, s, noise=noise)
             text = None if self.text is None else self.text[idx].to(dev)
             zeros = torch.zeros(len(idx))
+            timestep = noise_level_to_timestep(s).to(dev)
             with self._autocast():
-                velocity, _ = model(sample.noisy.to(dev), text, (s * 1000).to(dev),
+                velocity, _ = model(sample.noisy.to(dev), text, timestep,
                                     None if text is None else zeros.to(dev), self.data.condition[idx].to(dev))
             video_sum += float(joint_loss(velocity=velocity, video_target=sample.target.to(dev),
                                           video_noise_level=s.to(dev)).video_sum)
@@ -104,7 +122,7 @@ class Validator:
                                for j, i in enumerate(idx)])
             null = self.null.expand(len(idx), *self.null.shape[-2:])
             with self._autocast():
-                _, logits = model(clean.to(dev), noisy.to(dev), zeros.to(dev), (s * 1000).to(dev), null.to(dev))
+                _, logits = model(clean.to(dev), noisy.to(dev), zeros.to(dev), timestep, null.to(dev))
             result = joint_loss(logits=logits, text_target=text, text_noisy=noisy.to(dev),
                                 text_noise_level=s.to(dev), path=self.text_path, text_loss=self.flow.text_loss)
             text_sum += float(result.text_sum)
@@ -137,21 +155,40 @@ class Validator:
             videos += [tensor_to_frames(v) for v in pixels]
         return videos
 
+    def captioner(self) -> Captioner:
+        """V2T with verification, the same path as the pipeline's (flow/verify.py); the prompt
+        encoder that scores candidate captions is loaded on first use."""
+        tokenizer, length = self.tokenizer, self.text_length
+
+        def encode_prompts(captions: list[str]) -> torch.Tensor:
+            if self.prompt_encoder_config is None:
+                raise ValueError("verifying captions needs the prompt encoder's config")
+            embeddings, _ = shared_prompt_encoder(self.prompt_encoder_config, self.device).encode(captions)
+            return embeddings.to(self.device, torch.float32)
+
+        def encode_text(captions: list[str]) -> torch.Tensor:
+            return tokenizer.encode(captions, length, truncate=True).to(self.device)
+
+        return Captioner(null_condition=self.null, path=self.text_path, text_length=length, eos_id=tokenizer.eos_id,
+                         decode=tokenizer.decode, encode_prompts=encode_prompts, encode_text=encode_text,
+                         skip_ids=tokenizer.special_ids, levels=self.sampler.verify_levels)
+
     @torch.no_grad()
     def caption(self, model, index: np.ndarray) -> list[str]:
-        """V2T captions of the held-out videos `index`, sampled with the null condition."""
+        """V2T captions of the held-out videos `index` under the null condition, each the best of
+        `sampler.caption_candidates` by the model's own video flow (as `univigu eval` captions)."""
         _eval_mode(model)
         options = TextSamplerOptions.from_config(self.sampler)
+        captioner = self.captioner()
         captions = []
         for chunk in np.array_split(index, max(1, int(np.ceil(len(index) / self.batch_size)))):
             if len(chunk) == 0:
                 continue
-            null = self.null.expand(len(chunk), *self.null.shape[-2:]).to(self.device)
             with self._autocast():
-                out = sample_text(model, self.data.latents[chunk].to(self.device), null, self.text_path,
-                                  self.text_length, eos_id=self.tokenizer.eos_id, options=options,
-                                  seeds=[self.seed * 100003 + int(i) for i in chunk])
-            captions += self.tokenizer.decode(out.tokens.cpu())
+                texts, _ = captioner.caption(model, self.data.latents[chunk].to(self.device),
+                                             [self.seed * 100003 + int(i) for i in chunk], options,
+                                             candidates=self.sampler.caption_candidates)
+            captions += texts
         return captions
 
     def oracle(self, model) -> dict:

@@ -1,0 +1,73 @@
+"""The model a stage trains: a fresh generator, a model directory, or a Wan checkpoint, grown into
+a unified model when the stage needs a text stream; and the text-stream tokenizer it writes with."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from ..config import ExperimentConfig
+from ..models.bundle import INDEX_NAME, load_bundle
+from ..models.text import TextTokenizer, load_text_tokenizer
+from ..models.transformer import UniViGUTransformer
+from ..models.unify import TEXT_OPTIONS, unify_video_model
+
+TRAINABLE_GROUPS = {"all": "all", "text": {"text"}, "text_and_shared": {"text", "shared"}}
+
+
+class TrainingError(ValueError):
+    """A training run cannot start: bad stage setup, missing init checkpoint, ..."""
+
+
+def build_tokenizer(cfg: ExperimentConfig, corpus: list[str]) -> TextTokenizer | None:
+    """The init model's tokenizer when it has one, else one for `corpus`; None for the generator."""
+    t = cfg.train
+    if t.stage == "generator":
+        return None
+    if t.init_from and (Path(t.init_from) / "tokenizer").is_dir():
+        return TextTokenizer.load(Path(t.init_from) / "tokenizer")
+    # A trimmed vocabulary covers the prompts and captions the model will ever write here.
+    return load_text_tokenizer(cfg.tokenizer, corpus=corpus)
+
+
+def load_init(path: str | Path) -> UniViGUTransformer:
+    """The transformer of a model directory, or a Wan checkpoint through the conversion."""
+    path = Path(path)
+    if not path.exists():
+        raise TrainingError(f"train.init_from not found: {path}")
+    if (path / INDEX_NAME).is_file():
+        return load_bundle(path).transformer
+    from ..models.convert import load_wan
+
+    return load_wan(path)
+
+
+def build_model(cfg: ExperimentConfig, tokenizer: TextTokenizer | None) -> UniViGUTransformer:
+    """The stage's starting model (on the CPU, all parameters trainable)."""
+    t = cfg.train
+    if t.stage == "generator":
+        if t.init_from:
+            return load_init(t.init_from)
+        model_cfg = copy.deepcopy(cfg.model)
+        model_cfg.vocab_size = 0  # the generator is the video-only backbone
+        return UniViGUTransformer(model_cfg)
+    if not t.init_from:
+        raise TrainingError(f"stage {t.stage!r} starts from a previous stage: set train.init_from "
+                            "(a generator or unified model directory, or a Wan checkpoint)")
+    base = load_init(t.init_from)
+    if base.has_text_stream:
+        if base.config.vocab_size != tokenizer.vocab_size:
+            raise TrainingError(f"{t.init_from} has a text vocabulary of {base.config.vocab_size}, the "
+                                f"tokenizer {tokenizer.vocab_size}")
+        return base
+    text_options = {name: getattr(cfg.model, name) for name in TEXT_OPTIONS}  # the rest is the video's
+    return unify_video_model(base, vocab_size=tokenizer.vocab_size, text_length=cfg.model.text_length,
+                             mask_token=cfg.flow.text_source == "mask", init="copy", seed=t.seed, **text_options)
+
+
+def freeze(model: UniViGUTransformer, trainable: str) -> None:
+    """Train only the parameter groups `train.trainable` names; refuse a choice that leaves none."""
+    model.set_trainable(TRAINABLE_GROUPS[trainable])
+    if not any(p.requires_grad for p in model.parameters()):
+        kind = "unified" if model.has_text_stream else "video-only"
+        raise TrainingError(f"train.trainable={trainable!r} leaves nothing to train in a {kind} model")
