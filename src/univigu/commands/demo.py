@@ -103,7 +103,7 @@ def run(args) -> int:
     from ..data.shapesworld import synthesize
     from ..models.bundle import load_bundle
     from ..pipeline import UniViGUPipeline
-    from univigu.evaluation.harness import PipelineEvaluatee, evaluate, format_summary, load_samples
+    from ..evaluation.harness import PipelineEvaluatee, evaluate, format_summary, load_samples
 
     if args.num_test < 1:
         raise ValueError("--num_test must be at least 1")
