@@ -80,6 +80,12 @@ class CaptionOutput:
     # Text-sampler model evaluations per caption: K times the sampler's with K candidates (the
     # verification's flow-loss forwards, at most K per noise level, are not counted).
     nfe: int
+    # Per video, its K candidate captions (the sampler's first, then the temperature-1 draws) and
+    # their verification scores: the video flow loss under each (lower = more likely; the kept
+    # caption has the lowest). None where a candidate was not scored: a repeat of an earlier one,
+    # or every candidate of the video agreeing (K = 1 included).
+    candidates: list[list[str]] | None = None
+    candidate_scores: list[list[float | None]] | None = None
 
 
 @dataclass
@@ -364,15 +370,19 @@ class UniViGUPipeline:
         return [tensor_to_frames(v) for v in video]
 
     def _caption_latents(self, latents: torch.Tensor, seeds: list[int], options: TextSamplerOptions,
-                         candidates: int | None = None):
+                         candidates: int | None = None, details: dict | None = None):
         """Captions of clean latents; with `candidates` > 1 (default sampler.json), the one of that
-        many per video that the model's own video flow finds most likely (flow/verify.py)."""
+        many per video that the model's own video flow finds most likely (flow/verify.py). A
+        `details` dict receives each video's "candidates" and their "scores" (see CaptionOutput)."""
         k = self.sampler.caption_candidates if candidates is None else candidates
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise PipelineError(f"candidates must be a positive integer, got {k!r}")
         sample = self._sample_captions(latents, seeds, options)
         if k == 1:
-            return self.tokenizer.decode(sample.tokens.cpu()), sample
+            captions = self.tokenizer.decode(sample.tokens.cpu())
+            if details is not None:
+                details.update(candidates=[[c] for c in captions], scores=[[None] for _ in captions])
+            return captions, sample
         batch = latents.shape[0]
         # Candidate j of video i: the sampler's caption (j = 0), then posterior samples at
         # temperature 1 with seeds of their own.
@@ -381,7 +391,10 @@ class UniViGUPipeline:
                                       replace(options, temperature=1.0))
         tokens = torch.cat([sample.tokens[:, None], extra.tokens.view(batch, k - 1, -1)], 1).cpu()
         texts = [self.tokenizer.decode(row) for row in tokens]
-        chosen = self._verify_captions(latents, seeds, texts)
+        scores = [[None] * k for _ in texts] if details is not None else None
+        chosen = self._verify_captions(latents, seeds, texts, scores)
+        if details is not None:
+            details.update(candidates=texts, scores=scores)
         sequences = [[sample.sequences[i]] + extra.sequences[i * (k - 1):(i + 1) * (k - 1)] for i in range(batch)]
         verified = TextSample(tokens=torch.stack([tokens[i, j] for i, j in enumerate(chosen)]),
                               sequences=[sequences[i][j] for i, j in enumerate(chosen)],
@@ -410,9 +423,11 @@ class UniViGUPipeline:
             return video_flow_loss(self.transformer, latents.to(self.device), stream, self.encode_prompts(captions),
                                    seeds, levels=self.sampler.verify_levels if levels is None else levels)
 
-    def _verify_captions(self, latents: torch.Tensor, seeds: list[int], texts: list[list[str]]) -> list[int]:
+    def _verify_captions(self, latents: torch.Tensor, seeds: list[int], texts: list[list[str]],
+                         scores: list[list[float | None]] | None = None) -> list[int]:
         """Per video, the index of its candidate caption with the lowest video flow loss; videos
-        whose candidates all agree are not scored."""
+        whose candidates all agree are not scored. `scores[i][j]` receives the loss of candidate j
+        of video i where it was computed."""
         rows = [(i, j) for i, row in enumerate(texts) if len(set(row)) > 1
                 for j, text in enumerate(row) if text not in row[:j]]
         chosen = [0] * len(texts)
@@ -420,6 +435,9 @@ class UniViGUPipeline:
             return chosen
         owners = [i for i, _ in rows]
         losses = self.caption_flow_loss(latents[owners], [texts[i][j] for i, j in rows], [seeds[i] for i in owners])
+        if scores is not None:
+            for (i, j), loss in zip(rows, losses.tolist()):
+                scores[i][j] = loss
         videos = sorted(set(owners))
         position = {v: n for n, v in enumerate(videos)}
         best = pick_lowest(losses.cpu(), [position[i] for i in owners], len(videos))
@@ -427,12 +445,25 @@ class UniViGUPipeline:
             chosen[video] = rows[b][1]
         return chosen
 
+    def _step_callback(self, callback):
+        """diffusers' `callback_on_step_end` for the samplers: `callback(pipe, step, s, state)` after
+        step `step` (0-based) at noise level `s`, with `state` holding "video" (latents after the
+        step), "prediction" (the clean latents the step predicts) and, in joint generation,
+        "tokens" (the text canvas; masked positions hold `tokenizer.mask_id`). A dict it returns
+        replaces those entries; raising from it stops sampling."""
+        if callback is None:
+            return None
+        if not callable(callback):
+            raise PipelineError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
+        return lambda step, s, state: callback(self, step, s, state)
+
     # ------------------------------------------------------------------ T2V
     def generate(self, prompt: str | Sequence[str], num_frames: int | None = None, height: int | None = None,
                  width: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
                  shift: float | None = None, solver: str | None = None,
                  negative_prompt: str | Sequence[str] | None = None, seed: int | Sequence[int] = 0,
-                 with_caption: bool = False, stream_text: str | Sequence[str] | None = None) -> GenerationOutput:
+                 with_caption: bool = False, stream_text: str | Sequence[str] | None = None,
+                 callback_on_step_end=None) -> GenerationOutput:
         """Text-to-video for one prompt or a list of prompts.
 
         Args:
@@ -446,6 +477,8 @@ class UniViGUPipeline:
                 with the same seeds).
             stream_text: what the clean text stream holds (default: the prompt). A model trained
                 with Capability Refinement saw detailed captions there; give them when known.
+            callback_on_step_end: `callback(pipe, step, s, state)` after each video step (see
+                `_step_callback`).
         """
         prompts = _prompt_list(prompt)
         batch = len(prompts)
@@ -468,7 +501,8 @@ class UniViGUPipeline:
         with torch.no_grad(), self._autocast():
             sample = sample_video(self.transformer, shape, condition, self.null_condition, text=text,
                                   text_path=self.text_path, options=options, negative_condition=negative,
-                                  seeds=seeds, device=self.device)
+                                  seeds=seeds, device=self.device,
+                                  callback_on_step_end=self._step_callback(callback_on_step_end))
         latents = sample.video.float()
         captions, nfe = None, sample.nfe
         if with_caption:
@@ -541,8 +575,10 @@ class UniViGUPipeline:
         seeds = _seed_list(seed, videos.shape[0])
         with torch.no_grad(), self._autocast():
             latents = self.codec.encode(videos).float()
-        captions, sample = self._caption_latents(latents, seeds, options, candidates)
-        return CaptionOutput(captions=captions, tokens=sample.tokens.cpu(), seeds=seeds, nfe=sample.nfe)
+        details: dict = {}
+        captions, sample = self._caption_latents(latents, seeds, options, candidates, details)
+        return CaptionOutput(captions=captions, tokens=sample.tokens.cpu(), seeds=seeds, nfe=sample.nfe,
+                             candidates=details["candidates"], candidate_scores=details["scores"])
 
     # ------------------------------------------------------------------ joint
     def joint(self, prompt: str | Sequence[str], num_frames: int | None = None, height: int | None = None,
@@ -550,13 +586,16 @@ class UniViGUPipeline:
               shift: float | None = None, solver: str | None = None,
               negative_prompt: str | Sequence[str] | None = None, seed: int | Sequence[int] = 0,
               text_sampler: str | None = None, text_guidance_scale: float | None = None,
-              temperature: float | None = None, text_grid: str = "video") -> JointOutput:
+              temperature: float | None = None, text_grid: str = "video",
+              callback_on_step_end=None) -> JointOutput:
         """Generate a video and its caption together from each prompt (T2VT).
 
         Both modalities start from noise and advance on one grid of `steps` steps; the video gets
         guidance `guidance_scale` (null/negative condition with fully noised text), the text its
         own sampler update (`text_sampler`) and optional guidance against the branch without video.
         `text_grid` "video" moves text on the video's shifted grid, "linear" on an unshifted one.
+        `callback_on_step_end(pipe, step, s, state)` sees the video latents and the text canvas
+        after each step (see `_step_callback`): how the two co-evolve.
         """
         self._require_text_stream("joint generation")
         prompts = _prompt_list(prompt)
@@ -575,7 +614,8 @@ class UniViGUPipeline:
             sample = sample_joint(self.transformer, shape, self.transformer.config.text_length, condition,
                                   self.null_condition, path=self.text_path, eos_id=self.tokenizer.eos_id,
                                   options=options, negative_condition=negative, seeds=seeds,
-                                  skip_ids=self.tokenizer.special_ids, device=self.device)
+                                  skip_ids=self.tokenizer.special_ids, device=self.device,
+                                  callback_on_step_end=self._step_callback(callback_on_step_end))
         latents = sample.video.float()
         return JointOutput(frames=self.decode_latents(latents), captions=self.tokenizer.decode(sample.tokens.cpu()),
                            latents=latents.cpu(), tokens=sample.tokens.cpu(), seeds=seeds, nfe=sample.nfe)
