@@ -110,6 +110,15 @@ def test_no_path_outside_the_upload_folder_is_readable(server):
         assert cdn not in body
 
 
+def test_model_jobs_share_one_bounded_concurrency_group_behind_a_bounded_queue(server):
+    app = server["app"]
+    jobs = [fn for fn in app.fns.values() if fn.concurrency_id == web.MODEL_GROUP]
+    names = {fn.name for fn in jobs}
+    assert {"t2v", "v2t", "joint"} <= names, names
+    assert all(fn.concurrency_limit == 1 for fn in jobs)
+    assert app._queue.max_size == 16
+
+
 def test_handlers_give_one_message_for_bad_input(server):
     gr = web._gradio()
     runner = server["app"].univigu_runner

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import signal
+import sys
 from pathlib import Path
 
 from .generate import CommandError
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     upload_dir = prepare_upload_folder()  # before Gradio is imported
     atexit.register(remove_folder, upload_dir)
+    # A plain `kill` ends the server like Ctrl+C does: through the atexit hook that removes the folder.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     from ..pipeline import UniViGUPipeline
     from ..web.app import build_app, launch
 
