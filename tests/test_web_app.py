@@ -154,6 +154,12 @@ def test_a_person_uses_the_three_tabs_in_chromium(server, tmp_path):
         assert (t2v["width"], t2v["height"]) == (256, 256)  # 16 x 16 upscaled
         assert t2v["duration"] == pytest.approx(5 / 8, abs=0.05)  # 5 frames at 8 fps
         assert t2v["caption"].strip() and "Oracle reads the video as" in t2v["oracle"]
+        # A prompt the model's tokenizer cannot take: one message, no traceback.
+        page.type_prompt("t2v-prompt", "a small red zeppelin moves up")
+        page._css("#t2v-run").click()
+        message = page.wait_error("does not know the word")
+        assert "'zeppelin'" in message and "Traceback" not in message
+        page.close_errors()
 
         # Video to text: a corrupt upload gets one clear message, and is deleted.
         corrupt = tmp_path / "corrupt.mp4"
