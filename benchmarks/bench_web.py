@@ -73,7 +73,7 @@ def main() -> None:
     driver = None
     try:
         results["server_ready_seconds"] = round(wait_for(url, proc, args.timeout), 2)
-        driver = start_chromium(1400, 1000)
+        driver = start_chromium(1400, 1300)  # tall enough for each tab with its results
         page = DemoPage(driver, url, timeout=args.timeout).open()
         results["page_loaded_seconds"] = round(time.perf_counter() - started, 2)
         shots = Path(args.screenshots) if args.screenshots else None
