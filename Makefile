@@ -1,10 +1,11 @@
-# Two set-up commands: `make demo` and `make test`. Both create (or reuse) .venv and install what they need.
+# Two set-up commands: `make demo` and `make test`. Both create (or reuse) .venv and install what they need
+# (the dev extra, which includes the web extra: `make serve` opens the demo page after `make demo`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install serve clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/univigu demo
+
+serve: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/univigu serve
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("data", "train", "generate", "caption", "joint", "eval", "convert", "demo")
+COMMANDS = ("data", "train", "generate", "caption", "joint", "eval", "convert", "demo", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

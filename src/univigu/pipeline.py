@@ -79,6 +79,12 @@ class CaptionOutput:
     # Text-sampler model evaluations per caption: K times the sampler's with K candidates (the
     # verification's flow-loss forwards, at most K per noise level, are not counted).
     nfe: int
+    # Per video, its K candidate captions (the sampler's first, then the temperature-1 draws) and
+    # their verification scores: the video flow loss under each (lower = more likely; the kept
+    # caption has the lowest). None where a candidate was not scored: a repeat of an earlier one,
+    # or every candidate of the video agreeing (K = 1 included).
+    candidates: list[list[str]] | None = None
+    candidate_scores: list[list[float | None]] | None = None
 
 
 @dataclass
@@ -352,14 +358,16 @@ class UniViGUPipeline:
                          skip_ids=self.tokenizer.special_ids, levels=self.sampler.verify_levels)
 
     def _caption_latents(self, latents: torch.Tensor, seeds: list[int], options: TextSamplerOptions,
-                         candidates: int | None = None):
+                         candidates: int | None = None, details: dict | None = None):
         """Captions of clean latents; with `candidates` > 1 (default sampler.json), the one of that
-        many per video that the model's own video flow finds most likely (flow/verify.py)."""
+        many per video that the model's own video flow finds most likely (flow/verify.py). A
+        `details` dict receives each video's "candidates" and their "scores" (see CaptionOutput)."""
         k = self.sampler.caption_candidates if candidates is None else candidates
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise PipelineError(f"candidates must be a positive integer, got {k!r}")
         with torch.no_grad(), self._autocast():
-            return self.captioner().caption(self.transformer, latents, seeds, options, candidates=k)
+            return self.captioner().caption(self.transformer, latents, seeds, options, candidates=k,
+                                            details=details)
 
     def caption_flow_loss(self, latents: torch.Tensor, captions: Sequence[str], seeds: Sequence[int],
                           levels: Sequence[float] | None = None) -> torch.Tensor:
@@ -372,12 +380,25 @@ class UniViGUPipeline:
                                        seeds, levels=self.sampler.verify_levels if levels is None else levels)
             return self.captioner().flow_loss(self.transformer, latents.to(self.device), captions, seeds, levels)
 
+    def _step_callback(self, callback):
+        """diffusers' `callback_on_step_end` for the samplers: `callback(pipe, step, s, state)` after
+        step `step` (0-based) at noise level `s`, with `state` holding "video" (latents after the
+        step), "prediction" (the clean latents the step predicts) and, in joint generation,
+        "tokens" (the text canvas; masked positions hold `tokenizer.mask_id`). A dict it returns
+        replaces those entries; raising from it stops sampling."""
+        if callback is None:
+            return None
+        if not callable(callback):
+            raise PipelineError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
+        return lambda step, s, state: callback(self, step, s, state)
+
     # ------------------------------------------------------------------ T2V
     def generate(self, prompt: str | Sequence[str], num_frames: int | None = None, height: int | None = None,
                  width: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
                  shift: float | None = None, solver: str | None = None,
                  negative_prompt: str | Sequence[str] | None = None, seed: int | Sequence[int] = 0,
-                 with_caption: bool = False, stream_text: str | Sequence[str] | None = None) -> GenerationOutput:
+                 with_caption: bool = False, stream_text: str | Sequence[str] | None = None,
+                 callback_on_step_end=None) -> GenerationOutput:
         """Text-to-video for one prompt or a list of prompts.
 
         Args:
@@ -391,6 +412,8 @@ class UniViGUPipeline:
                 with the same seeds).
             stream_text: what the clean text stream holds (default: the prompt). A model trained
                 with Capability Refinement saw detailed captions there; give them when known.
+            callback_on_step_end: `callback(pipe, step, s, state)` after each video step (see
+                `_step_callback`).
         """
         prompts = _prompt_list(prompt)
         batch = len(prompts)
@@ -413,7 +436,8 @@ class UniViGUPipeline:
         with torch.no_grad(), self._autocast():
             sample = sample_video(self.transformer, shape, condition, self.null_condition, text=text,
                                   text_path=self.text_path, options=options, negative_condition=negative,
-                                  seeds=seeds, device=self.device)
+                                  seeds=seeds, device=self.device,
+                                  callback_on_step_end=self._step_callback(callback_on_step_end))
         latents = sample.video.float()
         captions, nfe = None, sample.nfe
         if with_caption:
@@ -486,8 +510,10 @@ class UniViGUPipeline:
         seeds = _seed_list(seed, videos.shape[0])
         with torch.no_grad(), self._autocast():
             latents = self.codec.encode(videos).float()
-        captions, sample = self._caption_latents(latents, seeds, options, candidates)
-        return CaptionOutput(captions=captions, tokens=sample.tokens.cpu(), seeds=seeds, nfe=sample.nfe)
+        details: dict = {}
+        captions, sample = self._caption_latents(latents, seeds, options, candidates, details)
+        return CaptionOutput(captions=captions, tokens=sample.tokens.cpu(), seeds=seeds, nfe=sample.nfe,
+                             candidates=details["candidates"], candidate_scores=details["scores"])
 
     # ------------------------------------------------------------------ joint
     def joint(self, prompt: str | Sequence[str], num_frames: int | None = None, height: int | None = None,
@@ -495,13 +521,16 @@ class UniViGUPipeline:
               shift: float | None = None, solver: str | None = None,
               negative_prompt: str | Sequence[str] | None = None, seed: int | Sequence[int] = 0,
               text_sampler: str | None = None, text_guidance_scale: float | None = None,
-              temperature: float | None = None, text_grid: str = "video") -> JointOutput:
+              temperature: float | None = None, text_grid: str = "video",
+              callback_on_step_end=None) -> JointOutput:
         """Generate a video and its caption together from each prompt (T2VT).
 
         Both modalities start from noise and advance on one grid of `steps` steps; the video gets
         guidance `guidance_scale` (null/negative condition with fully noised text), the text its
         own sampler update (`text_sampler`) and optional guidance against the branch without video.
         `text_grid` "video" moves text on the video's shifted grid, "linear" on an unshifted one.
+        `callback_on_step_end(pipe, step, s, state)` sees the video latents and the text canvas
+        after each step (see `_step_callback`): how the two co-evolve.
         """
         self._require_text_stream("joint generation")
         prompts = _prompt_list(prompt)
@@ -520,7 +549,8 @@ class UniViGUPipeline:
             sample = sample_joint(self.transformer, shape, self.transformer.config.text_length, condition,
                                   self.null_condition, path=self.text_path, eos_id=self.tokenizer.eos_id,
                                   options=options, negative_condition=negative, seeds=seeds,
-                                  skip_ids=self.tokenizer.special_ids, device=self.device)
+                                  skip_ids=self.tokenizer.special_ids, device=self.device,
+                                  callback_on_step_end=self._step_callback(callback_on_step_end))
         latents = sample.video.float()
         return JointOutput(frames=self.decode_latents(latents), captions=self.tokenizer.decode(sample.tokens.cpu()),
                            latents=latents.cpu(), tokens=sample.tokens.cpu(), seeds=seeds, nfe=sample.nfe)

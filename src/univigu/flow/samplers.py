@@ -81,6 +81,24 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, disable=not enabled, desc=desc, leave=False)
 
 
+# A per-step callback (diffusers' `callback_on_step_end`): called after step `i` as
+# `callback(i, s, state)` with `s` the step's own noise level and `state` a dict of the sampler's
+# tensors after the step ("video": the latents, "tokens": the text canvas in joint sampling) and
+# "prediction": the clean video the step's velocity predicts, `x_s - s v`. A dict it returns
+# replaces those entries (its "video" / "tokens" continue the sampling); None changes nothing.
+StepCallback = Callable[[int, float, dict], "dict | None"]
+
+
+def _step_end(callback: StepCallback | None, step: int, s: float, state: dict) -> dict:
+    if callback is not None:
+        changed = callback(step, s, state)
+        if changed is not None:
+            if not isinstance(changed, dict):
+                raise FlowError(f"callback_on_step_end must return a dict or None, got {type(changed).__name__}")
+            state.update(changed)
+    return state
+
+
 # --------------------------------------------------------------------------------------------
 # T2V
 # --------------------------------------------------------------------------------------------
@@ -99,6 +117,7 @@ def sample_video(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     seeds: Sequence[int] | None = None,
     device: torch.device | str | None = None,
+    callback_on_step_end: StepCallback | None = None,
 ) -> VideoSample:
     """Text-to-video: integrate the video ODE from noise (``s = 1``) to data with a clean text stream.
 
@@ -113,6 +132,7 @@ def sample_video(
             unconditional branch.
         negative_condition: replaces `null_condition` in the unconditional branch.
         generator / seeds: one generator (or one per sample), or per-sample seeds.
+        callback_on_step_end: called after each step (see `StepCallback`), e.g. for progress.
     """
     options = options or VideoSamplerOptions()
     shape = tuple(int(d) for d in shape)
@@ -168,7 +188,13 @@ def sample_video(
     solver = VideoODESolver(options.solver, grid)
     with _progress(options.steps, options.progress, "video") as bar:
         for i in range(options.steps):
-            x = solver.step(i, x, velocity_at(x, i), velocity_at)
+            if callback_on_step_end is None:
+                x = solver.step(i, x, velocity_at(x, i), velocity_at)
+            else:
+                velocity = velocity_at(x, i)
+                s = float(grid[i])
+                state = {"video": solver.step(i, x, velocity, velocity_at), "prediction": x - s * velocity}
+                x = _step_end(callback_on_step_end, i, s, state)["video"]
             bar.update(1)
     return VideoSample(video=x, nfe=caller.nfe)
 
@@ -277,6 +303,7 @@ def sample_joint(
     seeds: Sequence[int] | None = None,
     skip_ids: Sequence[int] = (),
     device: torch.device | str | None = None,
+    callback_on_step_end: StepCallback | None = None,
 ) -> JointSample:
     """Joint generation: video and text advance together from full noise on one time grid.
 
@@ -284,7 +311,8 @@ def sample_joint(
     ODE step and its logits the text's discrete step. Video guidance uses the null (or negative)
     condition with a fully noised text stream; text guidance (``options.text.guidance_scale``)
     contrasts against the branch without video. Heun's corrector evaluation sees the already
-    updated text at the next grid point.
+    updated text at the next grid point. `callback_on_step_end` (see `StepCallback`) sees both
+    modalities after each step: how video and caption co-evolve.
     """
     options = options or JointSamplerOptions()
     vopt, topt = options.video, options.text
@@ -340,7 +368,12 @@ def sample_joint(
             velocity, logits = evaluate(x, tokens, i, True)
             tokens_next = updater.update(tokens, *logits, float(text_grid[i]), float(text_grid[i + 1]),
                                          all_positions)
-            x = solver.step(i, x, velocity, lambda x2, j: evaluate(x2, tokens_next, j, False)[0])
-            tokens = tokens_next
+            x_next = solver.step(i, x, velocity, lambda x2, j: evaluate(x2, tokens_next, j, False)[0])
+            if callback_on_step_end is not None:
+                s = float(video_grid[i])
+                state = _step_end(callback_on_step_end, i, s,
+                                  {"video": x_next, "tokens": tokens_next, "prediction": x - s * velocity})
+                x_next, tokens_next = state["video"], state["tokens"]
+            x, tokens = x_next, tokens_next
             bar.update(1)
     return JointSample(video=x, tokens=tokens, sequences=decode_tokens(tokens, eos_id, skip_ids), nfe=caller.nfe)

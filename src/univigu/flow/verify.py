@@ -125,15 +125,20 @@ class Captioner:
                                levels=self.levels if levels is None else levels)
 
     def caption(self, model, latents: torch.Tensor, seeds: list[int], options: TextSamplerOptions,
-                candidates: int = 1) -> tuple[list[str], TextSample]:
+                candidates: int = 1, details: dict | None = None) -> tuple[list[str], TextSample]:
         """(captions, their TextSample): with `candidates` K > 1, per video the one of K drawn that
-        the model's own video flow finds most likely. `nfe` counts the sampler's calls only."""
+        the model's own video flow finds most likely. `nfe` counts the sampler's calls only. A
+        `details` dict receives each video's "candidates" and their "scores" (the flow loss, None
+        where a candidate was not scored)."""
         k = candidates
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise FlowError(f"candidates must be a positive integer, got {k!r}")
         sample = self.sample(model, latents, seeds, options)
         if k == 1:
-            return self.decode(sample.tokens.cpu()), sample
+            captions = self.decode(sample.tokens.cpu())
+            if details is not None:
+                details.update(candidates=[[c] for c in captions], scores=[[None] for _ in captions])
+            return captions, sample
         batch = latents.shape[0]
         # Candidate j of video i: the sampler's caption (j = 0), then posterior samples at
         # temperature 1 with seeds of their own.
@@ -141,16 +146,21 @@ class Captioner:
                             [s * k + j for s in seeds for j in range(1, k)], replace(options, temperature=1.0))
         tokens = torch.cat([sample.tokens[:, None], extra.tokens.view(batch, k - 1, -1)], 1).cpu()
         texts = [self.decode(row) for row in tokens]
-        chosen = self.choose(model, latents, seeds, texts)
+        scores = [[None] * k for _ in texts]
+        chosen = self.choose(model, latents, seeds, texts, scores)
+        if details is not None:
+            details.update(candidates=texts, scores=scores)
         sequences = [[sample.sequences[i]] + extra.sequences[i * (k - 1):(i + 1) * (k - 1)] for i in range(batch)]
         verified = TextSample(tokens=torch.stack([tokens[i, j] for i, j in enumerate(chosen)]),
                               sequences=[sequences[i][j] for i, j in enumerate(chosen)],
                               nfe=sample.nfe + (k - 1) * extra.nfe)
         return [texts[i][j] for i, j in enumerate(chosen)], verified
 
-    def choose(self, model, latents: torch.Tensor, seeds: list[int], texts: list[list[str]]) -> list[int]:
+    def choose(self, model, latents: torch.Tensor, seeds: list[int], texts: list[list[str]],
+               scores: list[list[float | None]] | None = None) -> list[int]:
         """Per video, the index of its candidate caption with the lowest video flow loss; videos
-        whose candidates all agree are not scored, and repeated candidates are scored once."""
+        whose candidates all agree are not scored, and repeated candidates are scored once.
+        `scores[i][j]` receives the loss of candidate j of video i where it was computed."""
         rows = [(i, j) for i, row in enumerate(texts) if len(set(row)) > 1
                 for j, text in enumerate(row) if text not in row[:j]]
         chosen = [0] * len(texts)
@@ -158,6 +168,9 @@ class Captioner:
             return chosen
         owners = [i for i, _ in rows]
         losses = self.flow_loss(model, latents[owners], [texts[i][j] for i, j in rows], [seeds[i] for i in owners])
+        if scores is not None:
+            for (i, j), loss in zip(rows, losses.tolist()):
+                scores[i][j] = loss
         videos = sorted(set(owners))
         position = {v: n for n, v in enumerate(videos)}
         best = pick_lowest(losses.cpu(), [position[i] for i in owners], len(videos))
