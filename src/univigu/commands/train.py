@@ -35,13 +35,14 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a bad config fails before torch is even imported
     import torch
 
-    from ..config import load_config
     from ..training.distributed import distributed_context
     from ..training.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with distributed_context(device) as dist:
         trainer = Trainer(cfg, device=dist.device if dist else device, progress=not args.no_progress,
