@@ -221,3 +221,33 @@ def test_a_stale_lock_is_taken_over_and_another_hosts_lock_with_force(tmp_path, 
         RunLock(tmp_path / "b").acquire()
     RunLock(tmp_path / "b", force=True).acquire().release()
     assert "--force" in str(recwarn.pop(UserWarning).message)
+
+
+def test_data_synth_again_with_fewer_videos_replaces_the_set_whole(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    for num in (6, 3):
+        assert main(["data", "synth", "--out", str(out), "--num", str(num), "--no-progress"]) == 0
+    capsys.readouterr()
+    videos = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.mp4"))
+    listed = sorted(json.loads(line)["video"] for split in ("train", "val", "test")
+                    for line in (out / f"{split}.jsonl").read_text().splitlines())
+    assert videos == listed and len(videos) == 3  # no orphan of the larger set, no empty manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes"]
+
+
+def test_eval_reports_an_unreadable_video_and_evaluates_the_rest(place, tmp_path, capsys):
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("not a video\n")
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"video": str(place / "clip.mp4"), "prompt": PROMPT, "caption": PROMPT, "objects": []},
+            {"video": str(bad), "prompt": PROMPT, "caption": PROMPT, "objects": []}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main([str(a) for a in ["eval", "--ckpt_dir", place / "model", "--manifest", manifest, "--tasks", "v2t",
+                                  "--candidates", 1, "--out", tmp_path / "eval", "--no-progress",
+                                  "--caption_backend", "python"]])
+    _, err = capsys.readouterr()
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("bad: ") and "bad.mp4" in lines[0]
+    assert lines[-1] == "error: 1 sample(s) left out: their videos cannot be read (listed above)"
+    assert len((tmp_path / "eval" / "samples.jsonl").read_text().splitlines()) == 1

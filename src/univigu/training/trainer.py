@@ -277,6 +277,7 @@ class Trainer:
                                     sps=f"{logs['samples_per_s']:.1f}")
                     self.logger.log(self.step, logs)
                     window_steps, window_seconds = 0, 0.0
+                kill_point("train-step")  # fault tests: a kill between steps, after the step's log line
                 if t.eval_every and self.step % t.eval_every == 0 and not last:
                     self.evaluate()
                 if t.sample_every and self.step % t.sample_every == 0 and not last:
