@@ -254,3 +254,26 @@ def test_a_log_line_cut_short_by_a_kill_is_dropped_on_the_next_start(tmp_path):
     logger.log(2, {"loss": 0.25})
     logger.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 0.5), (2, 0.25)]
+
+
+def test_a_kill_mid_file_write_keeps_the_old_file_and_the_next_write_drops_the_temporary(tmp_path):
+    from univigu.data.video_io import read_video, write_video
+
+    rng = np.random.default_rng(1)
+    old, new = (rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8) for _ in range(2))
+    path = tmp_path / "out.mp4"
+    write_video(path, old)
+    before = path.read_bytes()
+
+    def write():
+        os.environ[KILL_ENV] = "file-write@1"
+        write_video(path, new)
+
+    status = in_child(write)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert path.read_bytes() == before
+    stale = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].startswith(".out.mp4.")  # the dead process's temporary file
+    write_video(path, new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"] and path.read_bytes() != before
+    assert read_video(path).shape == new.shape

@@ -193,6 +193,7 @@ def atomic_file(final: str | Path):
     tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
     try:
         yield tmp
+        kill_point("file-write")  # written, not yet renamed: the old file stays, the next write drops this one
         fsync_file(tmp)
         os.replace(tmp, final)
         fsync_dir(final.parent)
