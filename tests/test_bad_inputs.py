@@ -133,6 +133,8 @@ def cases(p, cache):
         (["eval", "--ckpt_dir", p / "model", "--manifest", p / "absent.jsonl"], 2, ["absent.jsonl"]),
         # convert / demo
         (["convert", "--wan_dir", p / "absent", "--out", p / "x"], 2, ["not found"]),
+        (["convert", "--wan_dir", p / "model", "--out", p / "a_file.txt"], 2, ["a_file.txt", "is a file"]),
+        (["convert", "--wan_dir", p / "model", "--out", p / "other_data"], 2, ["other_data", "not empty"]),
         (["demo", "--kr_steps", 0, "--out", p / "demo"], 2, ["--kr_steps"]),
         (["demo", "--num_test", 0, "--out", p / "demo"], 2, ["--num_test"]),
         (["demo", "--out", p / "demo", "train.steps=-1"], 2, ["train.steps"]),
