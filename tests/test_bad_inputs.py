@@ -235,6 +235,9 @@ def test_data_synth_again_with_fewer_videos_replaces_the_set_whole(tmp_path, cap
                     for line in (out / f"{split}.jsonl").read_text().splitlines())
     assert videos == listed and len(videos) == 3  # no orphan of the larger set, no empty manifest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes"]
+    (out / "notes.txt").write_text("mine\n")  # a file that is not part of the set: never deleted
+    assert main(["data", "synth", "--out", str(out), "--num", "2", "--no-progress"]) == 2
+    assert "notes.txt" in capsys.readouterr().err and (out / "notes.txt").is_file()
 
 
 def test_eval_reports_an_unreadable_video_and_evaluates_the_rest(place, tmp_path, capsys):

@@ -538,3 +538,8 @@ def check_output_folder(out_dir: Path) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "world.json").is_file():
         raise ShapesWorldError(f"--out {out_dir} is a folder of other files (no world.json from an earlier "
                                "`univigu data synth`); give a new or empty folder")
+    others = sorted(p.name for p in out_dir.iterdir() if not (p.name in ("world.json", "videos")
+                                                             or p.suffix == ".jsonl")) if out_dir.is_dir() else []
+    if others:
+        raise ShapesWorldError(f"--out {out_dir} holds files that are not part of a ShapesWorld set "
+                               f"({', '.join(others[:3])}); replacing the set would delete them: give another folder")
