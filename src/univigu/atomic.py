@@ -147,17 +147,23 @@ def old_name(final: str | Path) -> Path:
     return final.parent / f"{OLD_PREFIX}{final.name}"
 
 
-def recover_directory(final: str | Path) -> Path:
+def recover_directory(final: str | Path, writer: bool = True) -> Path:
     """Undo what a killed `publish_directory` or `atomic_directory` left: the old folder moved
-    aside comes back when the new one never arrived, an unfinished temporary folder goes."""
+    aside comes back when the new one never arrived. A writer (the one process that may write
+    `final`: it holds the run lock, or is the command writing it) also removes an unfinished
+    temporary folder; a reader (`writer=False`) never touches one, which may be a live write."""
     final = Path(final)
     old, tmp = old_name(final), temporary_name(final)
     if old.is_dir():
         if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            if writer:
+                shutil.rmtree(old, ignore_errors=True)
         else:
-            old.rename(final)
-    if tmp.is_dir():
+            try:
+                old.rename(final)
+            except OSError:  # a live writer renamed its new folder into place first
+                pass
+    if writer and tmp.is_dir():
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 

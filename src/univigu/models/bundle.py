@@ -103,7 +103,7 @@ def _read_config(path: Path, cls):
 
 def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bundle:
     directory = Path(directory)
-    recover_directory(directory)  # an export killed between its two renames
+    recover_directory(directory, writer=False)  # an export killed between its two renames
     if not directory.is_dir():
         raise BundleError(f"model directory not found: {directory}")
     if not (directory / INDEX_NAME).is_file():
