@@ -75,28 +75,48 @@ class RunLock:
         warnings.warn(f"--force: taking over the lock of {self.out} from {_describe(holder)}", stacklevel=4)
         return True
 
+    def _create(self, tmp: Path) -> bool:
+        """Create the lock from the written `tmp` unless a lock exists: a hard link (complete in one
+        step), or an exclusive create where the file system has no hard links."""
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            pass
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(tmp.read_text())
+        return True
+
     def acquire(self) -> "RunLock":
-        """Create the lock file complete in one step (a hard link of a written file fails when the
-        lock exists), so two runs starting at once cannot both get it."""
+        """Take the lock, so that two runs starting at once cannot both get it: the lock file is
+        created only where none exists, and a stale one is moved aside by one taker only."""
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.out / f"{LOCK_NAME}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps({**self.me, "started": time.time()}))
         try:
             for _ in range(3):
-                try:
-                    os.link(tmp, self.path)
+                if self._create(tmp):
                     self.held = True
                     return self
-                except FileExistsError:
-                    pass
                 holder = _holder(self.path)
                 if self._may_take_over(holder):
                     aside = self.out / f"{LOCK_NAME}.{os.getpid()}.stale"
                     try:
                         os.rename(self.path, aside)  # one taker only: the others find no file to move
-                        aside.unlink()
                     except FileNotFoundError:
-                        pass
+                        continue
+                    if _holder(aside) != holder:  # another run took the stale lock in between: give it back
+                        try:
+                            os.link(aside, self.path)
+                        except OSError:
+                            pass
+                    aside.unlink(missing_ok=True)
             raise RunLockError(f"cannot take the lock {self.path}: other runs keep taking it")
         finally:
             tmp.unlink(missing_ok=True)
