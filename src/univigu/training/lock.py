@@ -5,7 +5,7 @@ Under torchrun rank 0 takes the lock for the whole run and every rank learns the
 of them stop together when another run holds the folder. A lock left by a process of this host
 that is gone is taken over with a warning; a lock of another host cannot be checked, so it is
 honoured unless the run is started with `--force`. The same process may take its own lock again
-(a resumed `Trainer` in one Python session).
+(a resumed `Trainer` in one Python process).
 """
 
 from __future__ import annotations
