@@ -277,3 +277,17 @@ def test_a_kill_mid_file_write_keeps_the_old_file_and_the_next_write_drops_the_t
     write_video(path, new)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"] and path.read_bytes() != before
     assert read_video(path).shape == new.shape
+
+
+def test_clean_incomplete_removes_what_killed_writes_and_deletions_left(tmp_path):
+    run_dir = tmp_path / "checkpoints"
+    state = {"w": torch.zeros(2)}
+    ckpt.save_checkpoint(run_dir, 1, state, None, {"state": {}, "param_groups": []}, {"stage": "generator"})
+    (run_dir / "ckpt-00000001").rename(run_dir / ".old-ckpt-00000001")  # a replace killed between renames
+    (run_dir / "ckpt-00000003").mkdir()  # half deleted by an older version: no state.json
+    (run_dir / "ckpt-00000003" / "ema.safetensors").write_bytes(b"x")
+    for name in (".tmp-ckpt-00000004", ".trash-ckpt-00000002"):
+        (run_dir / name).mkdir()
+    assert ckpt.clean_incomplete(run_dir) == [".tmp-ckpt-00000004", ".trash-ckpt-00000002", "ckpt-00000003"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["ckpt-00000001"]
+    assert torch.equal(ckpt.load_checkpoint(run_dir / "ckpt-00000001")["model"]["w"], state["w"])
