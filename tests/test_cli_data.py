@@ -110,9 +110,10 @@ def test_index_reports_bad_files(tmp_path, capsys):
         {"video": "zero.mp4", "text": "zero", "detailed_caption": "x"},
     ]))
     out = tmp_path / "manifest.jsonl"
-    code, stdout, _ = run_cli(["data", "index", "--videos", videos, "--captions", captions, "--out", out,
-                               "--no-progress"], capsys)
-    assert code == 0
+    code, stdout, err = run_cli(["data", "index", "--videos", videos, "--captions", captions, "--out", out,
+                                 "--no-progress"], capsys)
+    assert code == 1  # a batch that left files out says so in its exit status
+    assert err.strip() == f"error: 2 bad file(s) left out of {out} (listed above)"
     assert "2 samples from 2 videos; 2 bad" in stdout
     bad_lines = [line for line in stdout.splitlines() if line.strip().startswith("bad:")]
     assert len(bad_lines) == 2

@@ -101,3 +101,25 @@ def test_knowledge_recall_two_processes_equal_one(tmp_path, training_cache, tiny
         assert torch.equal(optim[name]["step"], single[name]["step"])
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(optim[name][key], single[name][key], rtol=1e-3, atol=1e-9, msg=f"{name} {key}")
+
+
+def test_every_torchrun_rank_honours_the_lock_of_a_live_run(tmp_path, training_cache):
+    """A live run (this test's parent process, on this host) holds the folder: both ranks stop at
+    once with the same one line, and nothing is written there."""
+    import socket
+    import time
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    lock = {"pid": os.getppid(), "host": socket.gethostname(), "started": time.time()}
+    (out / ".lock").write_text(json.dumps(lock))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "univigu",
+           "train", "--device", "cpu", "--no-progress", *tiny_overrides(out, training_cache)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    refusals = [line for line in done.stderr.splitlines() if "in use by another training run" in line]
+    assert len(refusals) == 2 and all(f"process {os.getppid()} " in line for line in refusals), done.stderr[-2000:]
+    # torchrun's own agent reports the failed workers with a traceback of its own; none is ours.
+    assert not any("univigu" in line for line in done.stderr.splitlines() if line.strip().startswith("File "))
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

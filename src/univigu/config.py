@@ -8,6 +8,7 @@ names the key instead of deep inside a run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from .atomic import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -342,18 +345,26 @@ def _parse_scalar(raw: str) -> Any:
     return value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=value` strings to a nested dict; values are parsed as YAML scalars."""
+def apply_overrides(data: dict, overrides: list[str], sections: dict | None = None) -> dict:
+    """Apply `a.b=value` strings to a nested dict; values are parsed as YAML scalars. With
+    `sections` (the defaults as a nested dict), an override that names a whole section
+    (`train=5`) is refused with its own name."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.subkey=value")
         dotted, raw = item.split("=", 1)
         parts = dotted.strip().split(".")
-        node = data
+        if not all(parts):
+            raise ConfigError(f"override '{item}' must look like key.subkey=value")
+        node, known = data, sections
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{part}' is not a config section")
+            known = known.get(part) if isinstance(known, dict) else None
+        if isinstance(known, dict) and isinstance(known.get(parts[-1]), dict):
+            raise ConfigError(f"override '{item}': '{dotted.strip()}' must be a mapping (it is a config section: "
+                              f"set one of its keys, e.g. {dotted.strip()}.{next(iter(known[parts[-1]]))}=...)")
         node[parts[-1]] = _parse_scalar(raw)
     return data
 
@@ -385,11 +396,59 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    data = apply_overrides(data, list(overrides or []))
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (world:, model:, train:, ...), "
+                              f"got a {type(data).__name__}")
+    defaults = to_dict(cls())
+    data = apply_overrides(data, list(overrides or []), sections=defaults)
     # Round-trip through the defaults so partial files are completed.
-    merged = _merge(to_dict(cls()), data)
-    return from_dict(cls, merged)
+    merged = _merge(defaults, data)
+    cfg = from_dict(cls, merged)
+    check_values(cfg)
+    return cfg
+
+
+# Ranges of the values that have one: (section, key) -> (lowest, highest or None). The learning-rate
+# scales are checked where they are used (training/optim.py).
+_RANGES = {
+    ("world", "width"): (1, None), ("world", "height"): (1, None), ("world", "frames"): (1, None),
+    ("world", "fps"): (1, None), ("world", "holdout_fraction"): (0, 1),
+    ("train", "steps"): (1, None), ("train", "num_train_videos"): (1, None), ("train", "batch_size"): (1, None),
+    ("train", "grad_accum"): (1, None), ("train", "warmup_steps"): (0, None), ("train", "min_lr_ratio"): (0, 1),
+    ("train", "ema_decay"): (0, 1), ("train", "ema_warmup_steps"): (0, None), ("train", "weight_decay"): (0, None),
+    ("train", "log_every"): (1, None), ("train", "save_every"): (0, None), ("train", "keep_last"): (1, None),
+    ("train", "eval_every"): (0, None), ("train", "eval_samples"): (0, None), ("train", "sample_every"): (0, None),
+    ("train", "num_samples"): (0, None),
+    ("sampler", "video_steps"): (1, None), ("sampler", "text_steps"): (1, None),
+    ("sampler", "caption_candidates"): (1, None), ("sampler", "temperature"): (0, None),
+}
+_POSITIVE = {("train", "lr"), ("train", "grad_clip"), ("sampler", "shift")}
+
+
+def check_values(cfg: Any) -> None:
+    """Every number finite and every count, step and rate in its range, before any work; one
+    ConfigError naming the key otherwise. Configs that are not an ExperimentConfig pass."""
+    if not isinstance(cfg, ExperimentConfig):
+        return
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for item in dataclasses.fields(values):
+            key, value = (section.name, item.name), getattr(values, item.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            name = f"{section.name}.{item.name}"
+            if not math.isfinite(value):
+                raise ConfigError(f"config key '{name}' must be a finite number, got {value}")
+            if key in _POSITIVE and value <= 0:
+                raise ConfigError(f"config key '{name}' must be > 0, got {value}")
+            if key in _RANGES:
+                low, high = _RANGES[key]
+                if value < low or (high is not None and value > high):
+                    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+                    raise ConfigError(f"config key '{name}' must be {bound}, got {value}")
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -403,4 +462,4 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from .generate import CommandError, add_model_args, add_video_args, load_pipeline
+from .generate import CommandError, add_model_args, add_video_args, check_number, check_video_args, load_pipeline
 from .sizes import parse_frame_size
 
 EPILOG = """\
@@ -17,7 +18,8 @@ examples:
 
 Each video is sampled to the model's frame count (evenly over the clip) and resized to its frame
 size (cover + centre crop) unless --frame_num / --size say otherwise. One video prints its
-caption; several print `path<TAB>caption` lines (or JSON lines with --json).
+caption; several print `path<TAB>caption` lines (or JSON lines with --json). A video that cannot
+be read is reported on stderr and the others are still captioned; the exit status is then 1.
 """
 
 
@@ -47,26 +49,49 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     width, height = parse_frame_size(args.size)
+    check_video_args(args, width, height)
     if args.batch_size < 1:
         raise CommandError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.base_seed < 0:
         raise CommandError(f"--base_seed must be >= 0, got {args.base_seed}")
-    if args.candidates is not None and args.candidates < 1:
-        raise CommandError(f"--candidates must be at least 1, got {args.candidates}")
+    check_number("--candidates", args.candidates, low=1)
     pipe = load_pipeline(args)
-    captions = []
-    for start in range(0, len(args.videos), args.batch_size):
-        batch = args.videos[start:start + args.batch_size]
-        out = pipe.caption(batch, steps=args.sample_steps, sampler=args.text_sampler, seed=args.base_seed + start,
+    if not pipe.has_text_stream:
+        pipe._require_text_stream("captioning")
+    # Each file is read on its own, so one bad file is reported and the others still get captions.
+    loaded, failed = [], []
+    for index, path in enumerate(args.videos):
+        try:
+            loaded.append((index, path, pipe.load_videos(path, num_frames=args.frame_num, height=height,
+                                                          width=width)))
+        except (ValueError, OSError) as err:
+            failed.append(path)
+            print(f"error: {err}" if str(path) in str(err) else f"error: {path}: {err}", file=sys.stderr)
+    captions = {}
+    for start in range(0, len(loaded), args.batch_size):
+        batch = loaded[start:start + args.batch_size]
+        out = pipe.caption(torch.cat([video for _, _, video in batch]), steps=args.sample_steps,
+                           sampler=args.text_sampler, seed=[args.base_seed + index for index, _, _ in batch],
                            guidance_scale=args.sample_guide_scale, temperature=args.temperature,
-                           num_frames=args.frame_num, height=height, width=width, candidates=args.candidates)
-        captions += out.captions
-    for path, caption in zip(args.videos, captions):
+                           candidates=args.candidates)
+        captions.update({index: caption for (index, _, _), caption in zip(batch, out.captions)})
+    for index, path in enumerate(args.videos):
+        if index not in captions:
+            continue
+        caption = captions[index]
         if args.json:
             print(json.dumps({"video": path, "caption": caption}))
         elif len(args.videos) == 1:
             print(caption)
         else:
             print(f"{path}\t{caption}")
+    if failed:
+        if len(args.videos) == 1:
+            return 2
+        print(f"error: {len(failed)} of {len(args.videos)} videos could not be captioned: "
+              f"{', '.join(map(str, failed))}", file=sys.stderr)
+        return 1
     return 0

@@ -274,9 +274,14 @@ def run(args: argparse.Namespace) -> int:
     from univigu.models.convert import load_diffusers_wan, load_original_wan
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    from univigu.atomic import atomic_directory, check_writable
+
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--out {out} is a file; give a folder for the model directory")
     if out.exists() and any(out.iterdir()):
         raise ConvertError(f"output folder {out} exists and is not empty")
+    check_writable(out.parent / f"{out.name}.probe", "--out")
     if args.config is not None and args.original is None:
         raise ConvertError("--config goes with --original")
     if args.wan_base is not None and args.univigu_checkpoint is None:
@@ -347,7 +352,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise ConvertError(f"default video size {world.width}x{world.height}x{world.frames}: {err}") from None
 
-    save_bundle(out, transformer, codec, encoder_config, null, tokenizer, world, sampler, flow)
+    with atomic_directory(out) as tmp:  # the folder appears complete under its name, or not at all
+        save_bundle(tmp, transformer, codec, encoder_config, null, tokenizer, world, sampler, flow)
     kind = "unified (T2V, V2T, joint)" if transformer.has_text_stream else \
         "video-only (T2V); add the text stream with `univigu train` (knowledge_recall, train.init_from=OUT)"
     print(f"converted {source}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,9 @@ examples:
   univigu data synth --out data/held --num 1000 --holdout 0.2 \\
       --splits train=0.7,val=0.1,test=0.1,heldout=0.1
 
-writes videos/<split>/<id>.mp4, one <split>.jsonl manifest per split and world.json.
+writes videos/<split>/<id>.mp4, one <split>.jsonl manifest per split and world.json, into a
+temporary folder renamed to --out at the end: a re-run replaces an earlier set whole (no videos of
+a larger one stay behind). A folder of other files is never replaced.
 """
 
 INDEX_EPILOG = """\
@@ -32,8 +35,8 @@ examples:
 the caption table (.csv with a header row, or .jsonl) needs a file column (file, video, path,
 filename, ...) and a prompt (prompt, text, ...) and/or a detailed caption (caption,
 detailed_caption, description, ...). Files are matched by path relative to --videos, by file
-name, or by name without extension. Bad files are listed and left out; the command fails only
-when no video is usable.
+name, or by name without extension. Bad files are listed and left out, the manifest of the good
+ones is written, and the exit status is 1 (2, and no manifest, when no video is usable).
 """
 
 
@@ -116,7 +119,10 @@ def run_synth(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise DataCommandError(f"--num must be at least 1, got {args.num}")
-    width, height = parse_frame_size(args.size)
+    width, height = parse_frame_size(args.size)  # the world's sizes are checked by synthesize, first
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataCommandError(f"--out {out} is a file; give a folder to write the data set into")
     world = WorldConfig(width=width, height=height, frames=args.frames, fps=args.fps,
                         min_objects=(WorldConfig().min_objects if args.min_objects is None
                                      else args.min_objects),
@@ -136,7 +142,12 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_index(args: argparse.Namespace) -> int:
+    from univigu.atomic import check_writable
     from univigu.data.manifest import index_videos
+
+    if Path(args.out).suffix.lower() != ".jsonl":
+        raise DataCommandError(f"--out must end in .jsonl, got {args.out}")
+    check_writable(args.out, "--out")
 
     records, bad = index_videos(args.videos, args.captions, args.out,
                                 progress=not args.no_progress, decode=not args.fast)
@@ -144,4 +155,7 @@ def run_index(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {len(records)} samples from {videos} videos; {len(bad)} bad")
     for item in bad:
         print(f"  bad: {item['video']}: {item['reason']}")
+    if bad:
+        print(f"error: {len(bad)} bad file(s) left out of {args.out} (listed above)", file=sys.stderr)
+        return 1
     return 0

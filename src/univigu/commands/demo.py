@@ -18,6 +18,8 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
+from univigu.atomic import atomic_write_text
+
 EXAMPLE = """example:
   univigu demo                         # about 9 minutes on a 2-core CPU
   univigu demo --num_test 500 --out runs/demo500
@@ -105,11 +107,19 @@ def run(args) -> int:
     from ..pipeline import UniViGUPipeline
     from ..evaluation.harness import PipelineEvaluatee, evaluate, format_summary, load_samples
 
+    from ..atomic import check_writable
+    from ..config import load_config
+
     if args.num_test < 1:
         raise ValueError("--num_test must be at least 1")
+    for flag, value in (("--kr_steps", args.kr_steps), ("--cr_steps", args.cr_steps)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    load_config("shapesworld-unified", list(args.overrides))  # bad overrides fail before any work
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     progress = not args.no_progress
     out = Path(args.out)
+    check_writable(out / "demo_summary.json", "--out")
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     start = time.time()
@@ -144,7 +154,7 @@ def run(args) -> int:
     summary = {"wall_seconds": total, "phase_seconds": times, "metrics": metrics}
     if reference.is_file():
         summary["generator_reference"] = json.loads(reference.read_text())
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2))
     print("\n" + format_summary(metrics))
     if "generator_reference" in summary:
         ref = summary["generator_reference"]

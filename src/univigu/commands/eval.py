@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from univigu.atomic import check_writable
 from univigu.config import TASKS
 from univigu.evaluation.harness import (EvalError, Evaluatee, PipelineEvaluatee, evaluate, format_summary,
-                                        load_evaluatee, load_samples, load_world, parse_tasks)
+                                        load_evaluatee, load_samples, load_world, parse_tasks, readable_samples)
 
 __all__ = ["EvalError", "Evaluatee", "PipelineEvaluatee", "evaluate", "format_summary", "load_evaluatee",
            "load_samples", "load_world", "register", "run_eval"]
@@ -21,7 +23,8 @@ examples:
       --manifest data/held/heldout.jsonl --tasks t2v,v2t --out runs/unified/eval
 
 writes metrics.json (flat names per split: t2v.all_correct, v2t.colour, joint.all_correct_ci95, ...),
-samples.jsonl and report.html into --out (default <ckpt_dir>/eval).
+samples.jsonl and report.html into --out (default <ckpt_dir>/eval), each replaced once complete.
+A sample whose video cannot be read is reported and left out; the exit status is then 1.
 """
 
 
@@ -62,16 +65,30 @@ def run_eval(args: argparse.Namespace) -> int:
         raise EvalError(f"--num must be at least 1, got {args.num}")
     if args.candidates is not None and args.candidates < 1:
         raise EvalError(f"--candidates must be at least 1, got {args.candidates}")
-    if not Path(args.ckpt_dir).exists():  # fail before reading any data
-        raise EvalError(f"model directory not found: {args.ckpt_dir}")
+    if args.batch_size < 1:
+        raise EvalError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.report_examples < 0:
+        raise EvalError(f"--report_examples must be >= 0, got {args.report_examples}")
+    if not Path(args.ckpt_dir).is_dir():  # fail before reading any data
+        raise EvalError(f"model directory not found: {args.ckpt_dir}" if not Path(args.ckpt_dir).exists()
+                        else f"--ckpt_dir must be a model directory, got a file: {args.ckpt_dir}")
+    out_dir = Path(args.out) if args.out else Path(args.ckpt_dir) / "eval"
+    check_writable(out_dir / "metrics.json", "--out")
     samples = load_samples(args.manifest, tasks, args.num)
+    samples, bad = readable_samples(samples, tasks)
+    for line in bad:
+        print(f"bad: {line}", file=sys.stderr)
+    if not samples:
+        raise EvalError(f"no sample's video can be read ({len(bad)} bad)")
     world = load_world(args.manifest, samples)
     evaluatee = load_evaluatee(args.ckpt_dir, world, args.candidates)
-    out_dir = Path(args.out) if args.out else Path(args.ckpt_dir) / "eval"
     metrics = evaluate(evaluatee, samples, world, tasks, out_dir=out_dir, seed=args.seed,
                        batch_size=args.batch_size, caption_backend=args.caption_backend,
                        report_examples=args.report_examples, progress=not args.no_progress,
                        meta={"ckpt_dir": str(args.ckpt_dir), "caption_candidates": args.candidates})
     print(format_summary(metrics))
     print(f"report: {out_dir / 'report.html'}\nmetrics: {out_dir / 'metrics.json'}")
+    if bad:
+        print(f"error: {len(bad)} sample(s) left out: their videos cannot be read (listed above)", file=sys.stderr)
+        return 1
     return 0

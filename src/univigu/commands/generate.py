@@ -4,8 +4,10 @@ inference commands (`caption`, `joint`) share: runtime flags, loading and writin
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import re
+import warnings
 from pathlib import Path
 
 from .sizes import parse_frame_size
@@ -19,7 +21,10 @@ examples:
       --contact_sheet square.png --with_caption
 
 Defaults (size, frame count, steps, shift, solver, guidance) come from the model directory
-(world.json and sampler.json). The video is written losslessly (H.264 crf 0, yuv444p).
+(world.json and sampler.json); a model directory without them needs --size and --frame_num.
+The video is written losslessly (H.264 crf 0, yuv444p). Existing output files are replaced, as
+Wan's and diffusers' scripts do, but only once the new file is complete: a failed or interrupted
+run leaves the old one as it was.
 """
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")
@@ -65,10 +70,12 @@ def add_video_args(parser: argparse.ArgumentParser, solver: bool = True) -> None
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save_file", default=None, metavar="PATH.mp4",
-                        help="output video (default: a name made from the prompt, in the current folder)")
-    parser.add_argument("--gif", default=None, metavar="PATH.gif", help="also write an animated GIF")
+                        help="output video (default: a name made from the prompt, in the current folder); "
+                             "an existing file is replaced once the new one is complete")
+    parser.add_argument("--gif", default=None, metavar="PATH.gif",
+                        help="also write an animated GIF (replaces an existing file)")
     parser.add_argument("--contact_sheet", default=None, metavar="PATH.png",
-                        help="also write a PNG with one column per frame")
+                        help="also write a PNG with one column per frame (replaces an existing file)")
     parser.add_argument("--fps", type=int, default=None, help="frame rate of the files (default: the model's)")
 
 
@@ -89,7 +96,9 @@ def default_save_file(prompt: str, width: int, height: int, frames: int, seed: i
 
 
 def check_outputs(args) -> None:
-    """Fail on bad output names before any model work."""
+    """Fail on bad output names, and on places that cannot be written, before any model work."""
+    from univigu.atomic import OutputError, check_writable
+
     if args.save_file is not None and Path(args.save_file).suffix.lower() not in VIDEO_SUFFIXES:
         raise CommandError(f"--save_file must end in {', '.join(VIDEO_SUFFIXES)}, got {args.save_file}")
     if args.gif is not None and Path(args.gif).suffix.lower() != ".gif":
@@ -98,18 +107,61 @@ def check_outputs(args) -> None:
         raise CommandError(f"--contact_sheet must end in .png, got {args.contact_sheet}")
     if args.fps is not None and args.fps < 1:
         raise CommandError(f"--fps must be at least 1, got {args.fps}")
+    # The default video name is made from the model's sizes; its folder is the current one.
+    outputs = (("--save_file", args.save_file or "video.mp4"), ("--gif", args.gif),
+               ("--contact_sheet", args.contact_sheet))
+    for flag, path in outputs:
+        if path is not None:
+            try:
+                check_writable(path, flag)
+            except OutputError as err:
+                raise CommandError(str(err)) from None
+
+
+def check_number(flag: str, value, low: float | None = None, above: float | None = None) -> None:
+    """A numeric flag: finite, and >= `low` or > `above` when given (None = not passed)."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise CommandError(f"{flag} must be a finite number, got {value}")
+    if low is not None and value < low:
+        raise CommandError(f"{flag} must be at least {low}, got {value}")
+    if above is not None and value <= above:
+        raise CommandError(f"{flag} must be greater than {above}, got {value}")
+
+
+def check_video_args(args, width: int | None, height: int | None) -> None:
+    """The size and sampler flags `add_video_args` adds (and those of caption / joint)."""
+    for flag, value in (("--size width", width), ("--size height", height), ("--frame_num (frame count)", args.frame_num)):
+        check_number(flag, value, low=1)
+    check_number("--sample_steps", getattr(args, "sample_steps", None), low=1)
+    check_number("--sample_shift", getattr(args, "sample_shift", None), above=0)
+    for flag in ("sample_guide_scale", "text_guide_scale"):
+        check_number(f"--{flag}", getattr(args, flag, None))
+    check_number("--temperature", getattr(args, "temperature", None), low=0)
 
 
 def load_pipeline(args):
     """The pipeline of --ckpt_dir on --device / --dtype, with progress bars unless --no-progress."""
     from univigu.pipeline import UniViGUPipeline
 
+    from univigu.models.bundle import INDEX_NAME, missing_defaults
+
     directory = Path(args.ckpt_dir)
     if not directory.is_dir():
         raise CommandError(f"model directory not found: {directory}" if not directory.exists()
                            else f"--ckpt_dir must be a model directory, got a file: {directory}")
-    return UniViGUPipeline.from_pretrained(directory, device=args.device, dtype=args.dtype,
-                                           progress=not args.no_progress)
+    missing = missing_defaults(directory) if (directory / INDEX_NAME).is_file() else []
+    if missing:
+        if args.size is None or args.frame_num is None:
+            raise CommandError(f"{directory} has no {' or '.join(missing)}, so the model's frame size and count "
+                               "are unknown: pass --size and --frame_num (or restore the files)")
+        warnings.warn(f"{directory} has no {' or '.join(missing)}: using --size / --frame_num and the "
+                      "library's defaults for the rest", stacklevel=2)
+    with warnings.catch_warnings():  # the missing files were reported above
+        warnings.filterwarnings("ignore", message=".* is missing: using the default")
+        return UniViGUPipeline.from_pretrained(directory, device=args.device, dtype=args.dtype,
+                                               progress=not args.no_progress)
 
 
 def write_outputs(args, pipe, frames, prompt: str, seed: int, task: str) -> Path:
@@ -155,6 +207,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     prompt = check_prompt(args.prompt)
     width, height = parse_frame_size(args.size)
+    check_video_args(args, width, height)
     check_outputs(args)
     seed = resolve_seed(args.base_seed)
     pipe = load_pipeline(args)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .generate import (add_model_args, add_output_args, add_video_args, check_outputs, check_prompt, load_pipeline,
-                       resolve_seed, write_outputs)
+from .generate import (add_model_args, add_output_args, add_video_args, check_outputs, check_prompt,
+                       check_video_args, load_pipeline, resolve_seed, write_outputs)
 from .sizes import parse_frame_size
 
 EPILOG = """\
@@ -15,7 +15,8 @@ examples:
       --sample_steps 30 --sample_guide_scale 4 --text_sampler confidence --base_seed 1 \\
       --save_file square.mp4 --gif square.gif
 
-Writes the video and prints the caption generated with it.
+Writes the video and prints the caption generated with it. Existing output files are replaced,
+but only once the new file is complete.
 """
 
 
@@ -42,6 +43,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     prompt = check_prompt(args.prompt)
     width, height = parse_frame_size(args.size)
+    check_video_args(args, width, height)
     check_outputs(args)
     seed = resolve_seed(args.base_seed)
     pipe = load_pipeline(args)

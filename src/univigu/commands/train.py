@@ -12,7 +12,9 @@ EXAMPLE = """examples:
 
 Outputs in train.output_dir: checkpoints/ (atomic; a rerun resumes from the newest), metrics.jsonl
 (+ TensorBoard scalars in tb/ when tensorboard is installed), best/ (by train.best_metric),
-samples/ (every train.sample_every steps) and model/ (the EMA weights, for the pipeline).
+samples/ (every train.sample_every steps) and model/ (the EMA weights, for the pipeline), all
+written atomically. One run at a time: OUT/.lock names the run using the folder, and a second run
+into it exits at once (--force takes over a lock left on another host).
 Latents and prompt embeddings are cached in train.cache_dir (default ~/.cache/univigu).
 """
 
@@ -26,21 +28,25 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 model.num_layers=4")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="take over the output folder's lock even when it names a run on another host "
+                        "(a lock of a run on this host that is gone is taken over anyway)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from ..config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a bad config fails before torch is even imported
     import torch
 
-    from ..config import load_config
     from ..training.distributed import distributed_context
     from ..training.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with distributed_context(device) as dist:
         trainer = Trainer(cfg, device=dist.device if dist else device, progress=not args.no_progress,
-                          distributed=dist)
+                          distributed=dist, force=args.force)
         out = trainer.run()
     if dist is None or dist.rank == 0:
         print(f"model directory: {out}")

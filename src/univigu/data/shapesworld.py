@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from univigu.atomic import atomic_directory, atomic_write_text
 from univigu.config import WorldConfig
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -500,25 +501,45 @@ def synthesize(out_dir, num: int, seed: int, world: WorldConfig, splits: dict[st
     if splits.get("heldout", 0) > 0 and world.holdout_fraction <= 0:
         raise ShapesWorldError("a heldout split needs world.holdout_fraction > 0")
     counts = split_counts(num, splits)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "world.json").write_text(json.dumps(dataclasses.asdict(world), indent=2) + "\n")
+    given, out_dir = Path(out_dir), Path(out_dir).resolve()
+    check_output_folder(out_dir)
 
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=sum(counts.values()), desc="ShapesWorld", unit="video")
-    for split, count in counts.items():
-        video_dir = out_dir / "videos" / split
-        video_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / f"{split}.jsonl", "w") as manifest:
-            for sample in make_samples(count, seed, world, split):
-                rel = f"videos/{split}/{sample.id}.mp4"
-                write_video(out_dir / rel, render(sample.scene, world), fps=world.fps)
-                manifest.write(json.dumps(manifest_record(sample, rel, world)) + "\n")
-                if bar is not None:
-                    bar.update(1)
-    if bar is not None:
-        bar.close()
-    return out_dir
+    # The whole set is written into a temporary folder and renamed into place: a re-run replaces
+    # the previous set entirely (no orphan videos of a larger one), and a failed one leaves it.
+    try:
+        with atomic_directory(out_dir) as tmp:
+            atomic_write_text(tmp / "world.json", json.dumps(dataclasses.asdict(world), indent=2) + "\n")
+            for split, count in counts.items():
+                (tmp / "videos" / split).mkdir(parents=True, exist_ok=True)
+                lines = []
+                for sample in make_samples(count, seed, world, split):
+                    rel = f"videos/{split}/{sample.id}.mp4"
+                    write_video(tmp / rel, render(sample.scene, world), fps=world.fps)
+                    lines.append(json.dumps(manifest_record(sample, rel, world)) + "\n")
+                    if bar is not None:
+                        bar.update(1)
+                atomic_write_text(tmp / f"{split}.jsonl", "".join(lines))
+    finally:
+        if bar is not None:
+            bar.close()
+    return given
+
+
+def check_output_folder(out_dir: Path) -> None:
+    """`data synth` writes a new folder or replaces an earlier ShapesWorld set (one with
+    world.json); it never replaces a file or a folder of other data."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ShapesWorldError(f"--out {out_dir} is a file; give a folder to write the data set into")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "world.json").is_file():
+        raise ShapesWorldError(f"--out {out_dir} is a folder of other files (no world.json from an earlier "
+                               "`univigu data synth`); give a new or empty folder")
+    others = sorted(p.name for p in out_dir.iterdir() if not (p.name in ("world.json", "videos")
+                                                             or p.suffix == ".jsonl")) if out_dir.is_dir() else []
+    if others:
+        raise ShapesWorldError(f"--out {out_dir} holds files that are not part of a ShapesWorld set "
+                               f"({', '.join(others[:3])}); replacing the set would delete them: give another folder")

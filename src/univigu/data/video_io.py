@@ -307,6 +307,10 @@ def _check_frames(frames) -> np.ndarray:
     return frames
 
 
+CONTAINER_FORMATS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".m4v": "mp4", ".webm": "webm",
+                     ".avi": "avi"}
+
+
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 0,
                 pix_fmt: str = "yuv444p") -> None:
     """Encode uint8 frames [F, H, W, 3] as H.264 mp4.
@@ -320,17 +324,18 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 0
     height, width = frames.shape[1:3]
     if pix_fmt == "yuv420p" and (width % 2 or height % 2):
         raise VideoError(f"yuv420p needs even width and height, got {width}x{height} for {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = width, height
-        stream.pix_fmt = pix_fmt
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+    container_format = CONTAINER_FORMATS.get(path.suffix.lower(), "mp4")
+    with atomic_file(path) as tmp:  # a failed or killed write leaves the previous file
+        with av.open(str(tmp), mode="w", format=container_format) as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height = width, height
+            stream.pix_fmt = pix_fmt
+            stream.options = {"crf": str(crf), "preset": "veryfast"}
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def write_gif(path: str | Path, frames: np.ndarray, fps: float = 8, loop: int = 0) -> None:
@@ -343,10 +348,10 @@ def write_gif(path: str | Path, frames: np.ndarray, fps: float = 8, loop: int = 
     frames = _check_frames(frames)
     if fps <= 0:
         raise VideoError(f"fps must be > 0, got {fps}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     images = [Image.fromarray(frame) for frame in frames]
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:],
-                   duration=1000.0 / fps, loop=loop, disposal=1)
+    with atomic_file(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                       duration=1000.0 / fps, loop=loop, disposal=1)
 
 
 # --------------------------------------------------------------------------------------------

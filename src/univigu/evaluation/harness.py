@@ -18,6 +18,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from univigu.atomic import atomic_write_text, read_json
 from univigu.config import TASKS, ConfigError, WorldConfig, from_dict
 
 # Manifest fields each task needs; "objects" is the ground truth ShapesWorld writes.
@@ -100,6 +101,28 @@ def load_samples(manifests: Sequence[str | Path], tasks: Sequence[str], num: int
     return samples
 
 
+def readable_samples(samples: Sequence[dict], tasks: Sequence[str]) -> tuple[list[dict], list[str]]:
+    """The samples whose video V2T can read, and one line per sample left out (no video is read
+    when V2T is not among the tasks)."""
+    if "v2t" not in tasks:
+        return list(samples), []
+    from univigu.data.video_io import read_video
+
+    kept, bad = [], []
+    for sample in samples:
+        if isinstance(sample["video"], np.ndarray):
+            kept.append(sample)
+            continue
+        try:
+            read_video(sample["video"])
+        except (ValueError, OSError) as err:
+            text = str(err)
+            bad.append(text if str(sample["video"]) in text else f"{sample['video']}: {text}")
+            continue
+        kept.append(sample)
+    return kept, bad
+
+
 def load_world(manifests: Sequence[str | Path], samples: Sequence[dict]) -> WorldConfig:
     """The ShapesWorld config: `world.json` beside the first manifest (written by `data synth`),
     else defaults with the samples' own width/height/num_frames."""
@@ -107,8 +130,8 @@ def load_world(manifests: Sequence[str | Path], samples: Sequence[dict]) -> Worl
         path = Path(manifest).resolve().parent / "world.json"
         if path.is_file():
             try:
-                return from_dict(WorldConfig, json.loads(path.read_text()), prefix="world")
-            except (ConfigError, json.JSONDecodeError) as err:
+                return from_dict(WorldConfig, read_json(path, EvalError), prefix="world")
+            except ConfigError as err:
                 raise EvalError(f"{path} is not a valid world config: {err}") from None
     first = samples[0] if samples else {}
     world = WorldConfig()
@@ -294,9 +317,7 @@ def _write_outputs(out_dir: Path, metrics, samples, tasks, outputs, per, k: int,
 
     rows = _sample_rows(samples, tasks, outputs, per)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(to_jsonable(row)) + "\n")
+    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(to_jsonable(row)) + "\n" for row in rows))
 
     # Up to k examples per task and split, so held-out samples are shown too.
     shown = [i for idx in _split_groups(samples).values() for i in idx[:k]]

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from univigu.atomic import atomic_write_text
 from univigu.data.video_io import write_gif
 
 __all__ = ["describe_objects", "gif_data_uri", "render_html", "to_jsonable", "write_report"]
@@ -235,6 +236,6 @@ def write_report(out_dir: str | Path, metrics: Mapping, examples: Mapping[str, S
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out_dir / "metrics.json", out_dir / "report.html"
-    json_path.write_text(json.dumps(to_jsonable(metrics), indent=2, allow_nan=False) + "\n")
-    html_path.write_text(render_html(metrics, examples, title=title, fps=fps, scale=scale), encoding="utf-8")
+    atomic_write_text(json_path, json.dumps(to_jsonable(metrics), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(html_path, render_html(metrics, examples, title=title, fps=fps, scale=scale))
     return {"json": json_path, "html": html_path}

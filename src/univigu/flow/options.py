@@ -7,6 +7,8 @@ holds when nothing overrides it): the options below read their defaults from it,
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,8 +50,10 @@ class VideoSamplerOptions:
         _check_steps(self.steps)
         if self.solver not in ("euler", "heun", "dpmpp2m"):
             raise FlowError(f"unknown video solver {self.solver!r} (choose euler, heun or dpmpp2m)")
-        if not self.shift > 0:
-            raise FlowError(f"shift must be positive, got {self.shift}")
+        if not 0 < self.shift < math.inf:
+            raise FlowError(f"shift must be a positive finite number, got {self.shift}")
+        if not math.isfinite(self.guidance_scale):
+            raise FlowError(f"guidance_scale must be a finite number, got {self.guidance_scale}")
         lo, hi = self.guidance_interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise FlowError(f"guidance_interval must satisfy 0 <= lo <= hi <= 1, got {self.guidance_interval}")
@@ -91,8 +95,10 @@ class TextSamplerOptions:
         _check_steps(self.steps)
         if self.sampler not in ("euler", "confidence"):
             raise FlowError(f"unknown text sampler {self.sampler!r} (choose euler or confidence)")
-        if not self.temperature >= 0:
-            raise FlowError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise FlowError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not math.isfinite(self.guidance_scale):
+            raise FlowError(f"text guidance_scale must be a finite number, got {self.guidance_scale}")
         if self.block_length is not None and (not isinstance(self.block_length, int) or self.block_length < 1):
             raise FlowError(f"block_length must be a positive integer or None, got {self.block_length!r}")
 

@@ -14,12 +14,13 @@ Training writes it at the end of each stage; `UniViGUPipeline` reads and writes 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_file, atomic_write_text, read_json, recover_directory
 from ..config import (CodecConfig, FlowConfig, PromptEncoderConfig, SamplerConfig, WorldConfig, from_dict,
                       to_dict)
 from .text import TextTokenizer, load_null_condition, load_prompt_encoder
@@ -67,7 +68,8 @@ def save_bundle(directory: str | Path, transformer: UniViGUTransformer, codec: L
     enc_dir.mkdir(exist_ok=True)
     _write_json(enc_dir / "prompt_encoder.json", to_dict(prompt_encoder_config))
     null = null_condition.reshape(null_condition.shape[-2:]).float().contiguous()
-    save_file({"embedding": null, "mask": null.abs().sum(-1) > 0}, str(enc_dir / "null_condition.safetensors"))
+    with atomic_file(enc_dir / "null_condition.safetensors") as tmp:
+        save_file({"embedding": null, "mask": null.abs().sum(-1) > 0}, str(tmp))
     if tokenizer is not None:
         tokenizer.save(directory / "tokenizer")
     _write_json(directory / "world.json", to_dict(world))
@@ -81,14 +83,27 @@ def save_bundle(directory: str | Path, transformer: UniViGUTransformer, codec: L
     return directory
 
 
+# Files whose absence falls back to the library's defaults; `univigu` commands refuse a model
+# directory without them unless the sizes are given (a 3-frame model would make 9-frame videos).
+DEFAULTED_FILES = ("world.json", "sampler.json")
+
+
+def missing_defaults(directory: str | Path) -> list[str]:
+    """The files of DEFAULTED_FILES that `directory` lacks."""
+    return [name for name in DEFAULTED_FILES if not (Path(directory) / name).is_file()]
+
+
 def _read_config(path: Path, cls):
     if not path.is_file():
+        if path.name in DEFAULTED_FILES:
+            warnings.warn(f"{path} is missing: using the default {cls.__name__} ({to_dict(cls())})", stacklevel=3)
         return cls()
-    return from_dict(cls, json.loads(path.read_text()), prefix=path.stem)
+    return from_dict(cls, read_json(path, BundleError), prefix=path.stem)
 
 
 def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bundle:
     directory = Path(directory)
+    recover_directory(directory, writer=False)  # an export killed between its two renames
     if not directory.is_dir():
         raise BundleError(f"model directory not found: {directory}")
     if not (directory / INDEX_NAME).is_file():

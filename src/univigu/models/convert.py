@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_file, atomic_write_text
 from ..config import ConfigError, TransformerConfig, from_dict, to_dict
 from .transformer import CONFIG_NAME, UniViGUTransformer
 from .weights import (PICKLE_SUFFIXES, CheckpointError, check_state_dict, key_list, load_state_dict_from_dir,
@@ -352,7 +353,7 @@ def export_diffusers(model: UniViGUTransformer, directory: str | Path, dtype: to
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     save_state_dict_to_dir(state, directory, max_shard_size)
-    (directory / CONFIG_NAME).write_text(json.dumps(config_to_diffusers(model.config), indent=2))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config_to_diffusers(model.config), indent=2))
     return directory
 
 
@@ -362,6 +363,6 @@ def export_original(model: UniViGUTransformer, path: str | Path, dtype: torch.dt
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
              for k, v in state.items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"format": "pt"})
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     return path

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from univigu.atomic import atomic_file, atomic_write_text, read_json
 from univigu.config import PromptEncoderConfig, TokenizerConfig, to_dict
 
 
@@ -457,12 +458,13 @@ class TextTokenizer:
         """Write tokenizer.json and text_tokenizer.json (special tokens, add_bos)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(directory / TOKENIZER_FILE))
+        with atomic_file(directory / TOKENIZER_FILE) as tmp:
+            self.tokenizer.save(str(tmp))
         meta = {f"{role}_token": t for role, t in self.tokens.items()}
         meta["add_bos"] = self.add_bos
         if self.limited:
             meta["vocab_size"] = self.vocab_size
-        (directory / TOKENIZER_META).write_text(json.dumps(meta, indent=2))
+        atomic_write_text(directory / TOKENIZER_META, json.dumps(meta, indent=2))
         return directory
 
     @classmethod
@@ -473,7 +475,7 @@ class TextTokenizer:
         if not (directory / TOKENIZER_FILE).is_file():
             raise TokenizerError(f"{directory} has no {TOKENIZER_FILE}")
         meta_file = directory / TOKENIZER_META
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        meta = read_json(meta_file, TokenizerError) if meta_file.is_file() else {}
         return cls.from_file(directory / TOKENIZER_FILE, **meta)
 
     def with_vocab_size(self, vocab_size: int) -> "TextTokenizer":
@@ -596,8 +598,9 @@ def save_null_condition(encoder: PromptEncoder, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / NULL_CONDITION_FILE
-    save_file({"embedding": emb[0].float().cpu().contiguous(),
-               "mask": mask[0].cpu().contiguous()}, str(path))
+    with atomic_file(path) as tmp:
+        save_file({"embedding": emb[0].float().cpu().contiguous(),
+                   "mask": mask[0].cpu().contiguous()}, str(tmp))
     return path
 
 

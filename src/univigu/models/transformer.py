@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..atomic import atomic_file, atomic_write_text
+from ..atomic import atomic_file, atomic_write_text, read_json
 from ..config import TransformerConfig, from_dict, to_dict
 from ..flow.paths import timestep_to_noise_level
 from .layers import (
@@ -39,7 +39,7 @@ from .layers import (
     text_rope,
     video_rope,
 )
-from .weights import check_state_dict, load_state_dict_from_dir
+from .weights import CheckpointError, check_state_dict, load_state_dict_from_dir
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 QK_NORM = "rms_norm_across_heads"  # the only query/key norm diffusers' Wan builds
@@ -687,7 +687,9 @@ class UniViGUTransformer(nn.Module):
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-        data = json.loads(config_path.read_text())
+        data = read_json(config_path, CheckpointError)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{config_path} must hold a JSON object (the transformer's config)")
         data.pop("_class_name", None)
         model = cls(from_dict(TransformerConfig, data))
         state = load_state_dict_from_dir(directory, device=device)  # single file or sharded + index

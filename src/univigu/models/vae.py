@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from univigu.atomic import atomic_write_text
 from univigu.config import CodecConfig, ConfigError, from_dict
 
 CODEC_CONFIG_NAME = "codec_config.json"
@@ -100,7 +101,7 @@ class LatentCodec(nn.Module):
         """Write `codec_config.json` (plus weights for learned codecs) into `directory`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CODEC_CONFIG_NAME).write_text(json.dumps(self.config, indent=2))
+        atomic_write_text(directory / CODEC_CONFIG_NAME, json.dumps(self.config, indent=2))
         return directory
 
 
@@ -287,7 +288,7 @@ class WanVAECodec(LatentCodec):
         directory.mkdir(parents=True, exist_ok=True)
         self.vae.save_pretrained(str(directory))
         cfg = dict(self.config, path=None)  # the directory itself holds the weights
-        (directory / CODEC_CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+        atomic_write_text(directory / CODEC_CONFIG_NAME, json.dumps(cfg, indent=2))
         return directory
 
 

@@ -22,6 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_file, atomic_write_text
+
 DIFFUSERS_WEIGHTS_PREFIX = "diffusion_pytorch_model"
 # Weight-file stems we look for, in order of preference (diffusers first, transformers-style next).
 _WEIGHT_STEMS = (DIFFUSERS_WEIGHTS_PREFIX, "model")
@@ -83,6 +85,34 @@ def find_weight_files(directory: str | Path) -> tuple[list[Path], Path | None]:
                           f"a sharded set with {DIFFUSERS_WEIGHTS_PREFIX}.safetensors.index.json, or model.safetensors")
 
 
+def check_safetensors(path: str | Path) -> Path:
+    """Check a safetensors file without loading it: a readable header whose tensors end exactly
+    where the file does (a file cut short by a kill or a full disk fails here, by name)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 2 or 8 + length > size:
+                raise CheckpointError(f"cannot read {path}: not a complete safetensors file ({size} bytes, "
+                                      "no whole header)")
+            header = json.loads(f.read(length))
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"cannot read {path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"cannot read {path}: not a safetensors file (its header is not a mapping)")
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2]
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        raise CheckpointError(f"cannot read {path}: truncated or damaged ({size} bytes, its header describes "
+                              f"{expected})")
+    return path
+
+
 def _read_weight_map(index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -106,6 +136,7 @@ def load_state_dict_from_dir(directory: str | Path, device: str | torch.device =
     files, index = find_weight_files(directory)
     state: dict[str, torch.Tensor] = {}
     for path in files:
+        check_safetensors(path)
         try:
             part = load_file(str(path), device=str(device))
         except (SafetensorError, OSError) as err:
@@ -156,17 +187,19 @@ def save_state_dict_to_dir(state: Mapping[str, torch.Tensor], directory: str | P
     metadata = {"format": "pt"}
     if len(shards) == 1:
         path = directory / f"{prefix}.safetensors"
-        save_file(shards[0], str(path), metadata=metadata)
+        with atomic_file(path) as tmp:
+            save_file(shards[0], str(tmp), metadata=metadata)
         return [path]
     paths, weight_map = [], {}
     for i, shard in enumerate(shards, start=1):
         path = directory / f"{prefix}-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path), metadata=metadata)
+        with atomic_file(path) as tmp:
+            save_file(shard, str(tmp), metadata=metadata)
         paths.append(path)
         weight_map.update({key: path.name for key in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (directory / f"{prefix}.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    atomic_write_text(directory / f"{prefix}.safetensors.index.json",
+                      json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return paths
 
 

@@ -11,7 +11,13 @@ A checkpoint folder `ckpt-00001000/` holds `state.json` (step, stage, config, fo
 Both resume under any number of processes: DCP reshards on load, and a safetensors checkpoint is
 scattered onto the shards. A folder only gets its final name once every file in it is on disk
 (`state.json` is written last), so a write killed half-way leaves the previous checkpoint as the
-newest complete one; stale temporary folders are removed by the next save.
+newest complete one. Old checkpoints are renamed aside before they are deleted, so a kill during
+the deletion leaves no half-deleted `ckpt-*`; `clean_incomplete` (at the start of every run)
+removes what interrupted writes and deletions left.
+
+Loading validates what it reads (each safetensors header against the file's size, the optimizer
+state through `weights_only=True`, never pickle), and `CheckpointManager.resume` falls back over
+a damaged newest checkpoint to the newest intact one, moving the bad one aside with a warning.
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import TMP_PREFIX, atomic_directory, begin_directory, publish_directory, temporary_name
-from ..models.weights import CheckpointError
+from ..atomic import (OLD_PREFIX, TMP_PREFIX, atomic_directory, begin_directory, kill_point, publish_directory,
+                      recover_directory, temporary_name)
+from ..models.weights import CheckpointError, check_safetensors
 from .build import TrainingError
 
 PREFIX = "ckpt-"
+TRASH_PREFIX = ".trash-"  # an old checkpoint being deleted
+CORRUPT_PREFIX = "corrupt-"  # a damaged checkpoint moved out of the way by resume
 
 
 def _plain_state(state: dict) -> dict:
@@ -61,10 +70,45 @@ def _begin(run_dir: Path, step: int) -> tuple[Path, Path]:
 def _publish(tmp: Path, final: Path, run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
     """Write state.json last, rename into place (atomic.py), prune old checkpoints."""
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    kill_point("checkpoint-publish")
     publish_directory(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoint(old)
     return final
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Rename `path` aside first (one atomic step), then delete it: a kill in between leaves a
+    `.trash-` folder that `clean_incomplete` removes, never a half-deleted `ckpt-*`."""
+    trash = path.parent / f"{TRASH_PREFIX}{path.name}"
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    files = sorted(trash.rglob("*"), reverse=True)
+    for item in files[:1]:
+        if item.is_file():
+            item.unlink()
+    kill_point("checkpoint-prune")  # part of an old checkpoint deleted
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_incomplete(run_dir: str | Path) -> list[str]:
+    """Remove what killed writes and deletions left in `run_dir` (temporary, half-deleted and
+    `ckpt-*` folders without `state.json`); bring back a checkpoint a killed replace moved aside.
+    Returns the names removed. Call it only while holding the run lock."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    removed = []
+    for old in run_dir.glob(f"{OLD_PREFIX}{PREFIX}*"):
+        recover_directory(run_dir / old.name[len(OLD_PREFIX):])
+    for item in sorted(run_dir.iterdir()):
+        stale = item.name.startswith((f"{TMP_PREFIX}{PREFIX}", f"{TRASH_PREFIX}{PREFIX}"))
+        incomplete = item.name.startswith(PREFIX) and item.is_dir() and not (item / "state.json").is_file()
+        if item.is_dir() and (stale or incomplete):
+            shutil.rmtree(item, ignore_errors=True)
+            removed.append(item.name)
+    return removed
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,6 +122,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, ema_state
     run_dir = Path(run_dir)
     final, tmp = _begin(run_dir, step)
     save_file(_plain_state(model_state), str(tmp / "model.safetensors"))
+    kill_point("checkpoint-write")  # the temporary folder holds some of the files
     if ema_state is not None:
         save_file(_plain_state(ema_state), str(tmp / "ema.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
@@ -118,15 +163,30 @@ def load_checkpoint(path: str | Path) -> dict:
     if state.get("format", "safetensors") != "safetensors":
         raise CheckpointError(f"{path} is a {state['format']} checkpoint; use restore_training_state")
     ema = path / "ema.safetensors"
+    for name in ("model.safetensors", "optimizer.pt") + (("ema.safetensors",) if ema.is_file() else ()):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} has no {name}")
+        if name.endswith(".safetensors"):
+            check_safetensors(path / name)
     try:
-        return {
-            "model": load_file(str(path / "model.safetensors")),
-            "ema": load_file(str(ema)) if ema.is_file() else None,
-            "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
-            "state": state,
-        }
-    except (OSError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint {path} is unreadable: {err}") from None
+        model, ema_state = load_file(str(path / "model.safetensors")), load_file(str(ema)) if ema.is_file() else None
+    except Exception as err:  # SafetensorError, OSError: a damaged file the header check let through
+        raise CheckpointError(f"checkpoint {path} is unreadable: {str(err).splitlines()[0]}") from None
+    return {"model": model, "ema": ema_state, "optimizer": load_optimizer_state(path / "optimizer.pt"),
+            "state": state}
+
+
+def load_optimizer_state(path: Path) -> dict:
+    """The optimizer state of `path`, through `torch.load(weights_only=True)` only: a damaged file
+    or one that needs pickle to load is a CheckpointError (its advice to unpickle is not repeated)."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError (a cut-short zip), EOFError, ...
+        raise CheckpointError(f"{path} is damaged or not a plain-tensor optimizer state "
+                              f"({type(err).__name__}); it is never loaded with pickle") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not an optimizer state (a {type(state).__name__})")
+    return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,17 +356,52 @@ class CheckpointManager:
             self.save(step, model, optimizer, ema, state)
 
     def resume(self, model, optimizer, ema: dict) -> int:
-        """Restore the newest checkpoint in place; its step (0 when there is none)."""
-        last = self._on_rank0(lambda: latest_checkpoint(self.run_dir))
-        if last is None:
-            return 0
-        stage = read_state(last).get("stage")
-        if stage != self.train.stage:
-            raise TrainingError(f"{self.run_dir.parent} holds a checkpoint of stage {stage!r}, not "
-                                  f"{self.train.stage!r}: give each stage its own train.output_dir")
-        state = restore_training_state(last, model, optimizer, ema, ctx=self.dist)
-        self.best = state.get("best")
-        return state["step"]
+        """Restore the newest intact checkpoint in place; its step (0 when there is none).
+
+        First the leftovers of killed writes and deletions are removed (rank 0). A checkpoint that
+        fails to load is moved aside to `corrupt-ckpt-N` with a warning naming it, and the next
+        newest is tried, as torchtitan and Lightning do."""
+        def leftovers():
+            removed = clean_incomplete(self.run_dir)
+            if removed:
+                warnings.warn(f"removed incomplete checkpoint folders in {self.run_dir}: {', '.join(removed)}",
+                              stacklevel=3)
+            return list_checkpoints(self.run_dir)
+
+        candidates = self._on_rank0(leftovers)
+        for path in reversed(candidates):
+            try:
+                stage = read_state(path).get("stage")
+            except CheckpointError as err:
+                self._set_aside(path, err)
+                continue
+            if stage != self.train.stage:
+                raise TrainingError(f"{self.run_dir.parent} holds a checkpoint of stage {stage!r}, not "
+                                    f"{self.train.stage!r}: give each stage its own train.output_dir")
+            error = None
+            try:
+                state = restore_training_state(path, model, optimizer, ema, ctx=self.dist)
+            except CheckpointError as err:
+                error = err
+            if self.dist is not None and self.dist.any(error is not None):
+                error = error or CheckpointError(f"checkpoint {path} failed to load on another rank")
+            if error is not None:
+                self._set_aside(path, error)
+                continue
+            self.best = state.get("best")
+            return state["step"]
+        return 0
+
+    def _set_aside(self, path: Path, error: Exception) -> None:
+        aside = path.parent / f"{CORRUPT_PREFIX}{path.name}"
+        if self.dist is None or self.dist.is_main:
+            if aside.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+            warnings.warn(f"checkpoint {path.name} cannot be resumed from ({error}); moved it to {aside.name} "
+                          "and fell back to the next newest", stacklevel=3)
+        if self.dist is not None:
+            self.dist.barrier()
 
     def keep_best(self, metrics: dict, step: int, write_model) -> bool:
         """Keep `OUT/best` if `metrics` beat the best so far; `write_model(folder)` writes the model

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from ..data.video_io import write_gif
 
 
@@ -36,7 +37,9 @@ class RunLogger:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._file = (self.out_dir / "metrics.jsonl").open("a")
+        path = self.out_dir / "metrics.jsonl"
+        _drop_partial_line(path)
+        self._file = path.open("a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -71,6 +74,19 @@ class RunLogger:
             self._tb = None
 
 
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line that a kill left unfinished (lines are appended whole, then flushed), so
+    the log holds whole records only."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return
+        data = f.seek(0) or f.read()
+        f.truncate(data.rfind(b"\n") + 1)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a metrics.jsonl file (the last record wins when a resumed run repeats a step)."""
     by_key: dict[tuple, dict] = {}
@@ -99,5 +115,5 @@ def write_samples(directory: str | Path, fps: float, generated: Sequence[np.ndar
         write_gif(directory / name, video, fps=fps)
         index["v2t"].append({"video": name, "caption": captions[i] if i < len(captions) else None,
                              "reference": references[i] if i < len(references) else None})
-    (directory / "samples.json").write_text(json.dumps(index, indent=2))
+    atomic_write_text(directory / "samples.json", json.dumps(index, indent=2))
     return directory

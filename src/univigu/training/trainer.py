@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ExperimentConfig, save_config, to_dict
+from ..atomic import atomic_directory, kill_point, recover_directory
+from ..config import ExperimentConfig, check_values, save_config, to_dict
 from ..flow.paths import MixtureTextPath
 from ..models.bundle import save_bundle
 from ..models.transformer import UniViGUTransformer
@@ -38,6 +39,7 @@ from .build import TrainingError, build_model, build_tokenizer, freeze
 from .cache import default_cache_dir
 from .checkpoint import CheckpointManager
 from .distributed import gather_full_state
+from .lock import acquire_run_lock
 from .logging import RunLogger
 from .optim import EMA, build_optimizer, ema_decay, lr_factor, plain_model, set_learning_rate
 from .parallelize import parallelize
@@ -52,7 +54,8 @@ class Trainer:
     (step, best) beside the model, optimizer and EMA that checkpoints hold."""
 
     def __init__(self, cfg: ExperimentConfig, device: str | torch.device = "cpu", progress: bool = True,
-                 distributed=None):
+                 distributed=None, force: bool = False):
+        check_values(cfg)
         self.cfg = cfg
         t = cfg.train
         self.dist = distributed  # training.distributed.DistributedContext or None
@@ -61,6 +64,28 @@ class Trainer:
         self.device = distributed.device if distributed is not None else torch.device(device)
         self.progress = progress and self.rank0
         self.out = Path(t.output_dir)
+        # One run per output folder, taken before anything is read or written there (`close` or
+        # the end of `run` gives it back).
+        self.force = force
+        self.lock = acquire_run_lock(self.out, distributed, force)  # None on ranks other than 0
+        self.locked = True  # the same on every rank, so every rank takes the lock again together
+        try:
+            self._setup(cfg, distributed)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Give the output folder's run lock back."""
+        self.locked = False
+        if self.lock is not None:
+            self.lock.release()
+
+    def _setup(self, cfg: ExperimentConfig, distributed) -> None:
+        t = cfg.train
+        if self.rank0:  # folders a killed export left half-renamed come back whole
+            for folder in (self.out / "model", self.out / "best"):
+                recover_directory(folder)
         self.use_bf16 = t.bf16 and bf16_is_fast(self.device)
         if t.batch_size < self.world_size:
             raise TrainingError(f"train.batch_size={t.batch_size} is the global batch; it must be at least "
@@ -182,11 +207,14 @@ class Trainer:
                            self.tokenizer, self.cfg.world, self.cfg.sampler, self.cfg.flow)
 
     def export(self, directory: Path | None = None) -> Path:
-        """Write the EMA model as an inference directory (every rank calls it; rank 0 writes)."""
+        """Write the EMA model as an inference directory (every rank calls it; rank 0 writes it
+        whole into a temporary folder, then renames it into place: atomic.py)."""
         directory = Path(directory or self.out / "model")
         model = self.ema_model()
         if model is not None:
-            self._save_bundle(directory, model)
+            with atomic_directory(directory) as tmp:
+                self._save_bundle(tmp, model)
+                kill_point("export")
         return directory
 
     # ------------------------------------------------------------------ validation, samples
@@ -224,6 +252,9 @@ class Trainer:
         Returns the exported model directory.
         """
         t = self.cfg.train
+        if not self.locked:  # a second `run` of this trainer
+            self.lock = acquire_run_lock(self.out, self.dist, self.force)
+            self.locked = True
         if self.rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out / "config.yaml")
@@ -246,6 +277,7 @@ class Trainer:
                                     sps=f"{logs['samples_per_s']:.1f}")
                     self.logger.log(self.step, logs)
                     window_steps, window_seconds = 0, 0.0
+                kill_point("train-step")  # fault tests: a kill between steps, after the step's log line
                 if t.eval_every and self.step % t.eval_every == 0 and not last:
                     self.evaluate()
                 if t.sample_every and self.step % t.sample_every == 0 and not last:
@@ -264,3 +296,4 @@ class Trainer:
         finally:
             bar.close()
             self.logger.close()
+            self.close()
