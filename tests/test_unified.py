@@ -8,6 +8,8 @@ from univigu.config import TransformerConfig
 from univigu.models.transformer import ModelInputError, UniViGUTransformer
 from univigu.models.unify import UnifyError, unify_video_model
 
+from tolerances import assert_close_ordered, network_terms
+
 VIDEO = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=8,
              freq_dim=32, ffn_dim=24, num_layers=2)
 V, L = 20, 6
@@ -309,7 +311,8 @@ def test_sample_prediction_cached_equals_uncached():
     with torch.no_grad():
         cached = model.step_video(video, t_video, model.prefill("text", text=text, condition=condition))
         uncached = model(video, text, t_video, torch.zeros(2), condition)[0]
-    torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
+    # At t = 0.03 the velocity is the head's output over t: values and rounding both ~30x larger.
+    assert_close_ordered(cached, uncached, terms=network_terms(model.config))
 
 
 def test_text_alone_forward_equals_clean_text_in_a_joint_forward():
