@@ -243,3 +243,24 @@ def test_bf16_explicit_backward_with_offsets_matches_the_dense_reference():
     for o, e in zip((ours, *ours_grads), (exact_out, *exact)):
         error = float((o.double() - e).norm() / e.norm())
         assert error < 1e-2, error
+
+
+def test_bf16_training_step_equals_the_dense_reference_through_the_explicit_backward(monkeypatch):
+    # Under bf16 autocast on a CPU, short sequences take the explicit backward (attention.py) at
+    # the widened head size; outputs and every gradient, the bias's too, match the dense masks.
+    calls = []
+    apply = attention_module._SDPAWithExplicitBackward.apply
+    monkeypatch.setattr(attention_module._SDPAWithExplicitBackward, "apply",
+                        lambda *args: calls.append(args[0].shape[-1]) or apply(*args))
+    model = model_for("clean_isolated", -2.0)
+    reference = copy.deepcopy(model)
+    reference.dense_attention_reference = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs, grads = run(model, "forward", "mixed")
+        ref_outputs, ref_grads = run(reference, "forward", "mixed")
+    assert 16 + 2 in calls  # the self-attention, widened by the rank-2 offset
+    terms = network_terms(model.config)
+    for out, ref in zip(outputs, ref_outputs):
+        assert_close_ordered(out, ref, terms=terms, dtype=torch.bfloat16)
+    for name, grad in grads.items():
+        assert_close_ordered(grad, ref_grads[name], terms=terms, dtype=torch.bfloat16, msg=name)
