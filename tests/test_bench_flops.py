@@ -28,12 +28,18 @@ from univigu.models.transformer import UniViGUTransformer  # noqa: E402
 aten = torch.ops.aten
 
 
+def _model_head(*shapes):
+    """The shapes at the model's head size: the few dimensions attention.py appends to carry the
+    attention policy as a logit offset are not model FLOPs (no more than a recomputation is)."""
+    return [tuple(shape[:-1]) + (CONFIG.attention_head_dim,) for shape in shapes]
+
+
 def _cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query, key, value)
+    return sdpa_flop_count(*_model_head(query, key, value))
 
 
 def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-    return 2 * sdpa_flop_count(query, key, value)  # model FLOPs: no recomputation of the scores
+    return 2 * sdpa_flop_count(*_model_head(query, key, value))  # model FLOPs: no recomputation of the scores
 
 
 # torch's counter has no formula for the CPU flash-attention kernels; give it the standard ones.

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from .attention import LogitOffsets, attention
 from .rms_norm import rms_norm
 
 
@@ -252,9 +252,11 @@ class WanAttention(nn.Module):
         return self._heads(self.norm_q, self.to_q(x) if linear is None else linear, rope)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
-        """SDPA over [B, L, H, D] tensors; mask [B, 1, Lq, Lk] bool (True = may attend)."""
-        out = attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype), mask)
+               mask: torch.Tensor | None = None, offsets: LogitOffsets | None = None) -> torch.Tensor:
+        """SDPA over [B, L, H, D] tensors; mask [B, 1, Lq, Lk] bool (True = may attend) or a float
+        bias, or `offsets` (a low-rank logit offset, no [Lq, Lk] tensor: `attention.LogitOffsets`)."""
+        out = attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype), mask,
+                        offsets=offsets)
         out = out.transpose(1, 2).flatten(2)
         return self.to_out[1](self.to_out[0](out))
 

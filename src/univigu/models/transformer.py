@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from ..atomic import atomic_file, atomic_write_text, read_json
 from ..config import TransformerConfig, from_dict, to_dict
 from ..flow.paths import timestep_to_noise_level
+from .attention import EXCLUDED, LogitOffsets
 from .layers import (
     FeedForward,
     FP32LayerNorm,
@@ -123,6 +124,71 @@ class Modulation(NamedTuple):
     c_gate_msa: torch.Tensor
 
 
+def _indicator(segments: tuple, kind: str, device: torch.device) -> torch.Tensor:
+    """[L] bool over the segments ((kind, length), ...) in order: True on those of `kind`."""
+    return torch.cat([torch.full((n,), k == kind, dtype=torch.bool, device=device) for k, n in segments])
+
+
+class JointPattern(NamedTuple):
+    """Who attends to whom in a joint self-attention, described without any [S, S] tensor.
+
+    queries, keys: ((kind, length), ...) in sequence order, kind "video" or "text".
+    video_isolated, text_isolated: [B] bool or None: the samples whose video (text) queries see no
+        key of the other modality (`clean_isolated` with that modality clean); None: no sample.
+    bias: video queries add the block's `text_key_bias` to text keys.
+    dense: build the dense [B, H, Lq, Lk] mask instead (the reference the tests compare against).
+    """
+
+    queries: tuple
+    keys: tuple
+    video_isolated: torch.Tensor | None
+    text_isolated: torch.Tensor | None
+    bias: bool
+    dense: bool = False
+
+    def _meets(self, query_kind: str, key_kind: str) -> bool:
+        return (any(k == query_kind and n for k, n in self.queries)
+                and any(k == key_kind and n for k, n in self.keys))
+
+    def offsets(self, text_key_bias: torch.Tensor | None, device: torch.device) -> LogitOffsets | None:
+        """The pattern as a rank-1 or rank-2 logit offset: a (video query, text key) term carrying the
+        bias (or EXCLUDED for isolated samples) and a (text query, video key) term (EXCLUDED for
+        isolated samples); None when neither is needed."""
+        queries, keys = [], []
+        if self._meets("video", "text") and (self.bias or self.video_isolated is not None):
+            value = text_key_bias.float()[None] if self.bias else torch.zeros(1, 1, device=device)  # [1, H]
+            if self.video_isolated is not None:
+                value = torch.where(self.video_isolated[:, None], EXCLUDED, value)  # [B, H]
+            queries.append(_indicator(self.queries, "video", device))
+            keys.append(torch.where(_indicator(self.keys, "text", device), value[..., None], 0.0))
+        if self._meets("text", "video") and self.text_isolated is not None:
+            value = torch.where(self.text_isolated, EXCLUDED, 0.0)[:, None]  # [B, 1]
+            queries.append(_indicator(self.queries, "text", device))
+            keys.append(torch.where(_indicator(self.keys, "video", device), value[..., None], 0.0))
+        if not queries:
+            return None
+        return LogitOffsets(torch.stack(queries, dim=-1).float(), torch.stack(torch.broadcast_tensors(*keys), dim=-1))
+
+    def dense_mask(self, text_key_bias: torch.Tensor | None, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor | None:
+        """The reference: the bool mask [B, 1, Lq, Lk] (True = may attend), or with the bias a float
+        mask [B or 1, H, Lq, Lk] with -inf where the bool mask blocks. O(Lq Lk) memory."""
+        query_video = _indicator(self.queries, "video", device)[:, None]
+        key_video = _indicator(self.keys, "video", device)[None, :]
+        blocked = None
+        for isolated, pairs in ((self.video_isolated, query_video & ~key_video),
+                                (self.text_isolated, ~query_video & key_video)):
+            if isolated is not None:
+                part = isolated[:, None, None] & pairs[None]
+                blocked = part if blocked is None else blocked | part
+        mask = None if blocked is None else (~blocked)[:, None]
+        if not (self.bias and self._meets("video", "text")):
+            return mask
+        bias = torch.where(query_video & ~key_video, text_key_bias.view(-1, 1, 1), 0.0)  # [H, Lq, Lk]
+        bias = bias[None] if mask is None else torch.where(mask, bias, float("-inf"))
+        return bias.to(dtype)
+
+
 class UniViGUBlock(nn.Module):
     """A Wan block whose FFN is routed by modality; attention, cross-attention, norms and the
     modulation table are shared by both streams.
@@ -149,16 +215,15 @@ class UniViGUBlock(nn.Module):
             if cfg.text_key_bias is not None:
                 self.text_key_bias = nn.Parameter(torch.full((cfg.num_attention_heads,), float(cfg.text_key_bias)))
 
-    def _attention_mask(self, mask: torch.Tensor | None, video_text: torch.Tensor | None,
-                        dtype: torch.dtype) -> torch.Tensor | None:
-        """The bool mask, plus the learned logit bias on (video query, text key) pairs when the block
-        has one: a float mask [B or 1, H, S, S_keys] with -inf where the bool mask blocks.
-        `video_text` is only given for a model with the bias (`_video_text_pairs`)."""
-        if video_text is None:
-            return mask
-        bias = torch.where(video_text, self.text_key_bias.view(-1, 1, 1), 0.0)  # [H, S, S_keys]
-        bias = bias[None] if mask is None else torch.where(mask, bias, float("-inf"))
-        return bias.to(dtype)
+    def _attention_inputs(self, pattern: JointPattern | None, q: torch.Tensor) -> dict:
+        """The self-attention's policy as `attend`'s keyword arguments: low-rank logit offsets (no
+        [S, S] tensor), or under `pattern.dense` the dense reference mask."""
+        if pattern is None:
+            return {}
+        bias = getattr(self, "text_key_bias", None) if pattern.bias else None
+        if pattern.dense:
+            return {"mask": pattern.dense_mask(bias, q.dtype, q.device)}
+        return {"offsets": pattern.offsets(bias, q.device)}
 
     def _query_linear(self, parts: list[torch.Tensor], streams, attn: WanAttention, text_layer: str):
         """The query projection of each stream's tokens (text ones through their own layer), or None
@@ -184,21 +249,19 @@ class UniViGUBlock(nn.Module):
         return self.attn1.project_kv(_cat_tokens(self._modulated_inputs(streams)[1]), rope)
 
     def forward(self, streams: list[tuple[torch.Tensor, torch.Tensor, str]], context: torch.Tensor,
-                rope: tuple | None, mask: torch.Tensor | None,
+                rope: tuple | None, pattern: JointPattern | None,
                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | Callable | None = None,
-                context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                video_text: torch.Tensor | None = None):
+                context_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Run one block over the token streams present.
 
         Args:
             streams: [(hidden [B, n, D] fp32, modulation [B, 6, D], "video" | "text")] in sequence order.
             context: projected prompt embedding [B, Lc, D].
             rope: (cos, sin, pairing) tables for the concatenated streams.
-            mask: [B, 1, S, S_keys] bool attention mask or None.
+            pattern: who attends to whom (isolation, text-key bias), or None: everyone, unbiased.
             prefix_kv: cached keys/values of a clean modality, prepended to the keys; or a function
                 (k, v) -> (keys, values) that does the prepending (`ModalityCache.join`).
             context_kv: the cross-attention keys/values of `context`, when already computed.
-            video_text: [S, S_keys] bool, True where a video query meets a text key (for the bias).
 
         Returns:
             (new hidden states per stream, (keys, values) of the processed tokens).
@@ -214,7 +277,7 @@ class UniViGUBlock(nn.Module):
             k, v = prefix_kv(k, v)
         elif prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=1), torch.cat([prefix_kv[1], v], dim=1)
-        attn = self.attn1.attend(q, k, v, self._attention_mask(mask, video_text, q.dtype)).split(sizes, dim=1)
+        attn = self.attn1.attend(q, k, v, **self._attention_inputs(pattern, q)).split(sizes, dim=1)
         hidden = [torch.addcmul(h, a, m.gate_msa) for (h, _, _), a, m in zip(streams, attn, mods)]
 
         x = _cat_tokens(hidden)
@@ -310,6 +373,9 @@ class UniViGUTransformer(nn.Module):
             raise ModelInputError(f"rope_max_seq_len must be a positive integer, got {config.rope_max_seq_len}")
         self.config = config
         self.gradient_checkpointing = False
+        # Express the attention policy as dense [S, S] masks, as the reference the tests compare the
+        # mask-free path against (attention.py); never for real use: O(S^2) memory, no flash.
+        self.dense_attention_reference = False
         dim = config.inner_dim
         p = tuple(config.patch_size)
         self.patch_embedding = nn.Conv3d(config.in_channels, dim, kernel_size=p, stride=p)
@@ -455,8 +521,8 @@ class UniViGUTransformer(nn.Module):
         ts = self.text_stream
         return _output_head(ts.scale_shift_table, ts.norm_out, ts.proj_out, ht, temb).float()
 
-    def _run_blocks(self, streams, context, rope, mask, prefix=None, store: ModalityCache | None = None,
-                    context_kv: list | None = None, video_text: torch.Tensor | None = None):
+    def _run_blocks(self, streams, context, rope, pattern: JointPattern | None, prefix=None,
+                    store: ModalityCache | None = None, context_kv: list | None = None):
         """The streams' hidden states after every block; with `store` (a prefill), None: only the
         keys/values of every block are kept, in `store`."""
         for i, block in enumerate(self.blocks):
@@ -469,10 +535,9 @@ class UniViGUTransformer(nn.Module):
             kv = None if prefix is None else functools.partial(prefix.join, i)
             ckv = context_kv[i] if context_kv else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                hidden, new_kv = checkpoint(block, streams, context, rope, mask, kv, ckv, video_text,
-                                            use_reentrant=False)
+                hidden, new_kv = checkpoint(block, streams, context, rope, pattern, kv, ckv, use_reentrant=False)
             else:
-                hidden, new_kv = block(streams, context, rope, mask, kv, ckv, video_text)
+                hidden, new_kv = block(streams, context, rope, pattern, kv, ckv)
             streams = [(h, mod, kind) for h, (_, mod, kind) in zip(hidden, streams)]
             if store is not None:
                 store.keys.append(new_kv[0])
@@ -491,24 +556,19 @@ class UniViGUTransformer(nn.Module):
                              for r in ropes])
         return cos, sin, pairing
 
-    def _isolation_mask(self, is_video: torch.Tensor, t_video, t_text) -> torch.Tensor | None:
-        """clean_isolated: a modality at timestep 0 does not attend to the other (per sample).
-        `is_video` [S] marks the video tokens of the joint sequence."""
-        if self.config.attention_policy != "clean_isolated":
-            return None
-        video_clean, text_clean = t_video == 0, t_text == 0
-        if not (video_clean.any() or text_clean.any()):
-            return None
-        cross = is_video[:, None] != is_video[None, :]  # query/key from different modalities
-        query_clean = torch.where(is_video[None, :], video_clean[:, None], text_clean[:, None])  # [B, S]
-        blocked = cross[None] & query_clean[:, :, None]
-        return (~blocked)[:, None]
+    def _joint_pattern(self, queries: tuple, keys: tuple, video_clean: torch.Tensor | None,
+                       text_clean: torch.Tensor | None, isolate: bool) -> JointPattern | None:
+        """The joint self-attention's pattern: under isolation a clean modality's queries (per sample:
+        `*_clean` [B] bool) do not see the other modality's keys; video queries add the learned bias
+        to text keys when the model has one. None when nothing departs from full attention."""
+        def isolated(clean):
+            return clean if isolate and clean is not None and bool(clean.any()) else None
 
-    def _video_text_pairs(self, video_queries: torch.Tensor, text_keys: torch.Tensor) -> torch.Tensor | None:
-        """[S, S_keys] bool: video query meets text key; None when the model has no such bias."""
-        if self.config.text_key_bias is None or not self.has_text_stream:
+        video_isolated, text_isolated = isolated(video_clean), isolated(text_clean)
+        bias = self.config.text_key_bias is not None and self.has_text_stream
+        if video_isolated is None and text_isolated is None and not bias:
             return None
-        return video_queries[:, None] & text_keys[None, :]
+        return JointPattern(queries, keys, video_isolated, text_isolated, bias, self.dense_attention_reference)
 
     # ------------------------------------------------------------------ forward
     def forward(self, video: torch.Tensor | None, text: torch.Tensor | None = None,
@@ -551,12 +611,12 @@ class UniViGUTransformer(nn.Module):
             streams.append((ht, mod_t, "text"))
             ropes.append(rope_t)
             n_text = ht.shape[1]
-        mask = video_text = None
+        pattern = None
         if n_video and n_text:
-            is_video = torch.arange(n_video + n_text, device=context.device) < n_video
-            mask = self._isolation_mask(is_video, t_video, t_text)
-            video_text = self._video_text_pairs(is_video, ~is_video)
-        hidden = self._run_blocks(streams, context, self._cat_rope(*ropes), mask, video_text=video_text)
+            layout = (("video", n_video), ("text", n_text))
+            pattern = self._joint_pattern(layout, layout, t_video == 0, t_text == 0,
+                                          isolate=self.config.attention_policy == "clean_isolated")
+        hidden = self._run_blocks(streams, context, self._cat_rope(*ropes), pattern)
 
         velocity = logits = None
         if video is not None:
@@ -607,17 +667,6 @@ class UniViGUTransformer(nn.Module):
         if batch != cached:
             raise ModelInputError(f"batch of {batch} does not match the cache's batch of {cached}")
 
-    @staticmethod
-    def _prefix_mask(t: torch.Tensor, n: int, n_prefix: int) -> torch.Tensor | None:
-        """Samples whose stepped modality is itself clean (t == 0) must not see the cached one,
-        as in `forward` under clean_isolated; keys are ordered [cached; own]."""
-        clean = t == 0
-        if not clean.any():
-            return None
-        keep = torch.ones(t.shape[0], 1, n, n_prefix + n, dtype=torch.bool, device=t.device)
-        keep[clean, :, :, :n_prefix] = False
-        return keep
-
     def step_text(self, text: torch.Tensor, text_timestep: torch.Tensor, cache: ModalityCache) -> torch.Tensor:
         """Text logits for noisy text attending to a cached clean video."""
         if cache.clean != "video":
@@ -626,8 +675,10 @@ class UniViGUTransformer(nn.Module):
         self._check_cache_batch(text.shape[0], cache)
         t = self._check_timestep(text_timestep, text.shape[0], "text_timestep")
         ht, temb, mod, rope = self._embed_text(text, t)
-        mask = self._prefix_mask(t, ht.shape[1], cache.num_tokens)
-        (ht,) = self._run_blocks([(ht, mod, "text")], cache.context, rope, mask, prefix=cache,
+        # Keys are [cached video; own text]; text at t == 0 does not see the video, as in `forward`.
+        pattern = self._joint_pattern((("text", ht.shape[1]),), (("video", cache.num_tokens), ("text", ht.shape[1])),
+                                      None, t == 0, isolate=True)
+        (ht,) = self._run_blocks([(ht, mod, "text")], cache.context, rope, pattern, prefix=cache,
                                  context_kv=cache.context_kv)
         return self._text_head(ht, temb)
 
@@ -638,12 +689,11 @@ class UniViGUTransformer(nn.Module):
         self._check_cache_batch(video.shape[0], cache)
         t = self._check_timestep(video_timestep, video.shape[0], "video_timestep")
         hv, temb, mod, rope, grid = self._embed_video(video, t)
-        mask = self._prefix_mask(t, hv.shape[1], cache.num_tokens)
-        n, n_prefix = hv.shape[1], cache.num_tokens
-        keys_cached = torch.arange(n_prefix + n, device=hv.device) < n_prefix  # keys are [cached text; own]
-        video_text = self._video_text_pairs(torch.ones(n, dtype=torch.bool, device=hv.device), keys_cached)
-        (hv,) = self._run_blocks([(hv, mod, "video")], cache.context, rope, mask, prefix=cache,
-                                 context_kv=cache.context_kv, video_text=video_text)
+        # Keys are [cached text; own video]; video at t == 0 does not see the text, as in `forward`.
+        pattern = self._joint_pattern((("video", hv.shape[1]),), (("text", cache.num_tokens), ("video", hv.shape[1])),
+                                      t == 0, None, isolate=True)
+        (hv,) = self._run_blocks([(hv, mod, "video")], cache.context, rope, pattern, prefix=cache,
+                                 context_kv=cache.context_kv)
         return self._as_velocity(self._video_head(hv, temb, grid, video.shape[0]), video, t)
 
     # ------------------------------------------------------------------ parameter groups
