@@ -1,4 +1,5 @@
-"""GPU check: one training step of the 1.3B-shaped unified model in bf16, its time and its MFU.
+"""One training step of the 1.3B-shaped unified model in bf16 on a GPU at 9 frames, its time and its MFU
+(`gpu_check.py`'s `train` section does the same at 81 frames, with the optimizer).
 
 The model is Wan2.1-T2V-1.3B's backbone (30 layers, 12 heads x 128, FFN 8960, UMT5 width 4096)
 with the text stream (text FFN experts, vocabulary 32000, canvas 256 tokens). The step is a joint
@@ -8,11 +9,11 @@ velocity MSE + token cross-entropy, backward. MFU is the analytic model FLOPs of
 PEAK_BF16; `--peak-tflops` overrides it) and, beside it, over an 8192^3 bf16 matmul measured in
 the same run.
 
-    benchmarks/gpu_check.sh                 # on a GPU machine (< 5 minutes)
-    benchmarks/gpu_check.sh --dry-run       # tiny sizes, runs on a CPU: checks the script works
-    benchmarks/gpu_check.sh --compile blocks   # every block compiled in place (what train.compile does)
-    benchmarks/gpu_check.sh --compile model    # the whole model under one torch.compile
-    benchmarks/gpu_check.sh --profile       # also the kernels that take the step's time
+    benchmarks/gpu_step.sh                 # on a GPU machine (< 5 minutes)
+    benchmarks/gpu_step.sh --dry-run       # tiny sizes, runs on a CPU: checks the script works
+    benchmarks/gpu_step.sh --compile blocks   # every block compiled in place (what train.compile does)
+    benchmarks/gpu_step.sh --compile model    # the whole model under one torch.compile
+    benchmarks/gpu_step.sh --profile       # also the kernels that take the step's time
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def main(argv=None):
     matmul_n = 8192 if device.type == "cuda" and not args.dry_run else 256
     matmul = matmul_flops_per_s(matmul_n, dtype, device, repeats=10 if device.type == "cuda" else 2)
     result = {
-        "benchmark": "gpu_check",
+        "benchmark": "gpu_step",
         "dry_run": args.dry_run,
         "device": name,
         "machine": machine_info(),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One bf16 training step of the 1.3B-shaped unified model on a GPU: step time and MFU.
-#   benchmarks/gpu_check.sh              # on a GPU machine; finishes in under 5 minutes
-#   benchmarks/gpu_check.sh --dry-run    # toy sizes on a CPU, to check the script
-# Extra arguments go to benchmarks/gpu_check.py (--steps, --latent C F H W, --peak-tflops, ...).
-# The JSON is named after the setting: gpu_check[_compiled|_compiled_blocks][_profile].json
+#   benchmarks/gpu_step.sh              # on a GPU machine; finishes in under 5 minutes
+#   benchmarks/gpu_step.sh --dry-run    # toy sizes on a CPU, to check the script
+# Extra arguments go to benchmarks/gpu_step.py (--steps, --latent C F H W, --peak-tflops, ...).
+# The JSON is named after the setting: gpu_step[_compiled|_compiled_blocks][_profile].json
 # (`--compile model`, `--compile blocks`, `--profile`). It goes to $OUT/NAME when $OUT is set (an
 # output folder, e.g. one copied back from a remote GPU machine), else to
 # benchmarks/results/gpu/NAME (not written for a dry run unless --out is given).
@@ -21,7 +21,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 dry=0
 [[ " $* " == *" --dry-run "* ]] && dry=1
-name=gpu_check
+name=gpu_step
 prev=
 for a in "$@"; do
     [ "$prev" = --compile ] && a="--compile=$a"
@@ -44,4 +44,4 @@ fi
 if [ "$dry" = 0 ] && command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-exec timeout 290 "$PY" benchmarks/gpu_check.py "${out_args[@]}" "$@"
+exec timeout 290 "$PY" benchmarks/gpu_step.py "${out_args[@]}" "$@"
