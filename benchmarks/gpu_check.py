@@ -23,14 +23,14 @@ out-of-memory error, a crash or a hang in one leaves the others' rows. All weigh
              Recall steps with DCP checkpoints, then a resume compared with an unbroken run (at world size
              1 this checks the wiring and the policy, not sharding)
 
-465 s of section limits in all, under 8 minutes with the launcher. `--dry-run` runs every section at toy
+465 s of section limits in all: by design the whole run stays under 8 minutes. `--dry-run` runs every section at toy
 sizes on a CPU (what `tests/test_gpu_check.py` does, so the script cannot rot between GPU runs).
 
     benchmarks/gpu_check.sh                    # on a GPU machine -> results/gpu/gpu_check_native.json(l)
     benchmarks/gpu_check.sh --only attn train  # some sections
     benchmarks/gpu_check.sh --dry-run          # toy sizes on a CPU
 
-Missing packages (diffusers, transformers, tokenizers, safetensors, PyAV) are installed first with
+Missing packages (`PACKAGES`: diffusers, transformers, tokenizers, safetensors, ...) are installed first with
 `pip install --no-index` from `--wheels` (default `benchmarks/wheels/`), when that folder exists.
 """
 
@@ -108,9 +108,12 @@ class Rows:
             f.write(line + "\n")
         return row
 
-    def measure(self, section: str, case: str, fn, expect_oom: bool = False, **known) -> dict:
+    def measure(self, section: str, case: str, fn, expect_oom: bool = False, until: str | None = None,
+                **known) -> dict:
         """Run `fn()` once: its time, peak memory and extra fields, or the error it raised. With
-        `expect_oom`, an out-of-memory error is the expected outcome (ok, `outcome: "OOM"`)."""
+        `expect_oom`, an out-of-memory error is the expected outcome (ok, `outcome: "OOM"`). A case
+        that needs unfinished work names it in `until`: if it fails, the row says it was expected to
+        fail until then (still not ok; the summary lists it apart)."""
         reset()
         start = time.perf_counter()
         try:
@@ -126,6 +129,8 @@ class Rows:
                        error=type(err).__name__, detail=str(err)[:500], **known)
         if expect_oom:
             row["expected"] = "OOM"
+        if until and not row["ok"]:
+            row["expected_failure"] = f"expected to fail until {until}"
         reset()
         return self.emit(section, case, **row)
 
@@ -175,6 +180,12 @@ def inputs(z: dict, dev: torch.device, t_video: float, t_text: float, batch: int
 
 #: Task -> (video timestep, text timestep): 0 is clean (in T2V the text, in V2T the video).
 TASKS = {"t2v": (500.0, 0.0), "v2t": (0.0, 500.0), "joint": (500.0, 500.0)}
+#: Where clean_isolated passes SDPA a boolean mask (a clean modality), a fused kernel may not take it.
+MASKED = "mask-free attention lands (clean_isolated's boolean mask at 33k tokens keeps SDPA off flash attention)"
+
+
+def masked_until(policy: str, task: str) -> str | None:
+    return MASKED if policy.startswith("clean_isolated") and task != "joint" else None
 
 
 def task_loss(velocity, logits, task: str):
@@ -240,7 +251,7 @@ def sec_attn(z: dict, rows: Rows, dry: bool) -> None:
                 model.zero_grad(set_to_none=True)
                 return {"fwd_bwd_s": round(elapsed, 4), "sdpa_kernels": kernels}
 
-            rows.measure("attn", f"{name}/{task}", case, policy=name, task=task)
+            rows.measure("attn", f"{name}/{task}", case, until=masked_until(name, task), policy=name, task=task)
         model = None  # frees its memory before the next one is built
 
 
@@ -264,7 +275,9 @@ def sec_train(z: dict, rows: Rows, dry: bool) -> None:
     flops = training_step_flops(config, 1, n_video, z["text_length"], z["cond"])
     name = torch.cuda.get_device_name() if dev.type == "cuda" else None
     peak = peak_bf16(name) if name else None
-    rows.emit("train", "model", ok=True, s=0.0, peak_gib=peak_gib(), parameters=sum(p.numel() for p in model.parameters()),
+    rows.emit("train", "model", ok=True, s=0.0, peak_gib=peak_gib(), gpu=name,
+              cudnn=torch.backends.cudnn.version() if name else None,
+              parameters=sum(p.numel() for p in model.parameters()),
               video_tokens=n_video, text_tokens=z["text_length"], joint_step_flops=flops,
               peak_bf16_tflop_per_s=peak / 1e12 if peak else None)
 
@@ -293,7 +306,8 @@ def sec_train(z: dict, rows: Rows, dry: bool) -> None:
 
     model.enable_gradient_checkpointing(True)
     for task in TASKS:
-        rows.measure("train", f"{task}_checkpointed", steps(task), task=task, checkpointing=True, compiled=False)
+        rows.measure("train", f"{task}_checkpointed", steps(task), until=masked_until(UNIFIED["attention_policy"], task),
+                     task=task, checkpointing=True, compiled=False)
     model.enable_gradient_checkpointing(False)
     rows.measure("train", "joint_no_checkpointing", steps("joint", 1), expect_oom=True, task="joint",
                  checkpointing=False, compiled=False)
@@ -668,10 +682,11 @@ def main(argv=None) -> dict | None:
     began = time.perf_counter()
     packages = ensure_packages(Path(args.wheels))
     env_row = {"machine": machine_info(), "packages": packages, "dry_run": args.dry_run}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env_row.update(gpu=props.name, total_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                       cudnn=torch.backends.cudnn.version())
+    if torch.cuda.is_available():  # nvidia-smi, not torch: this process keeps no CUDA context while sections run
+        smi = shutil.which("nvidia-smi")
+        query = [smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"] if smi else None
+        env_row.update(cuda=torch.version.cuda, nvidia_smi=subprocess.run(query, capture_output=True, text=True)
+                       .stdout.strip() if query else None)
     Rows(jsonl).emit("env", "machine", **env_row)
     runs = run_sections(args.only, jsonl, args.dry_run)
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
@@ -681,7 +696,9 @@ def main(argv=None) -> dict | None:
         "provenance": provenance(),
         "limits_s": DRY_LIMITS if args.dry_run else SECTIONS,
         "sections": {r["case"]: r["status"] for r in runs},
-        "cases_failed": [f"{r['section']}/{r['case']}" for r in rows if r.get("ok") is False],
+        "cases_failed": [f"{r['section']}/{r['case']}" for r in rows
+                         if r.get("ok") is False and "expected_failure" not in r],
+        "cases_failed_as_expected": [f"{r['section']}/{r['case']}" for r in rows if "expected_failure" in r],
         "wall_s": round(time.perf_counter() - began, 1),
         "rows": rows,
     }

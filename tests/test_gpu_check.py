@@ -45,7 +45,7 @@ def test_dry_run_every_section_reports_ok_with_its_fields(dry_run):
     summary, wall, out = dry_run
     assert summary["dry_run"] is True and summary["provenance"]["commit"]
     assert summary["sections"] == {name: "ok" for name in gpu_check.SECTIONS}, summary["sections"]
-    assert summary["cases_failed"] == []
+    assert summary["cases_failed"] == [] and summary["cases_failed_as_expected"] == []
     # What was written is what was returned: the JSON lines and the summary.
     lines = [json.loads(x) for x in (out / "gpu_check_native_dry_run.jsonl").read_text().splitlines()]
     assert lines == json.loads((out / "gpu_check_native_dry_run.json").read_text())["rows"] == summary["rows"]
@@ -115,10 +115,16 @@ def test_a_failing_case_is_a_row_not_a_crash(tmp_path):
     failed = rows.measure("train", "broken", boom)
     expected = rows.measure("train", "too_big", oom, expect_oom=True)
     unexpected = rows.measure("train", "fits_elsewhere", oom)
+    waiting = rows.measure("attn", "masked", oom, until="mask-free attention lands")
+    passing = rows.measure("attn", "masked_but_fits", lambda: {"x": 1}, until="mask-free attention lands")
     assert (failed["ok"], failed["error"], failed["detail"]) == (False, "RuntimeError", "broken path")
     assert (expected["ok"], expected["outcome"], expected["expected"]) == (True, "OOM", "OOM")
     assert (unexpected["ok"], unexpected["outcome"]) == (False, "OOM")
-    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 3
+    assert not waiting["ok"] and waiting["expected_failure"] == "expected to fail until mask-free attention lands"
+    assert passing["ok"] and passing["x"] == 1 and "expected_failure" not in passing
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 5
+    assert gpu_check.masked_until("clean_isolated", "t2v") and not gpu_check.masked_until("full", "t2v")
+    assert not gpu_check.masked_until("clean_isolated", "joint")
 
 
 def test_missing_packages_are_named_and_a_gpu_run_needs_a_gpu(tmp_path, monkeypatch, capsys):
