@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One bf16 training step of the 1.3B-shaped unified model on a GPU: step time and MFU.
-#   benchmarks/gpu_check.sh              # on a GPU machine; finishes in under 5 minutes
-#   benchmarks/gpu_check.sh --dry-run    # toy sizes on a CPU, to check the script
-# Extra arguments go to benchmarks/gpu_check.py (--steps, --latent C F H W, --peak-tflops, ...).
-# The JSON is named after the setting: gpu_check[_compiled|_compiled_blocks][_profile].json
-# (`--compile model`, `--compile blocks`, `--profile`). It goes to $OUT/NAME when $OUT is set (an
-# output folder, e.g. one copied back from a remote GPU machine), else to
-# benchmarks/results/gpu/NAME (not written for a dry run unless --out is given).
+# The native-size GPU check (benchmarks/gpu_check.py): attention, training step, inference, Wan VAE,
+# UMT5-XXL and torchrun/FSDP2/DCP at 480x832x81 on one H100 or H200, each section in its own
+# process under its own time limit; under 8 minutes in all.
+#   benchmarks/gpu_check.sh                    # on a GPU machine
+#   benchmarks/gpu_check.sh --only attn train  # some sections
+#   benchmarks/gpu_check.sh --dry-run          # toy sizes on a CPU, to check the script
+# Rows go to $OUT/gpu_check_native.json(l) when $OUT is set (an output folder, e.g. one copied back
+# from a remote GPU machine), else to benchmarks/results/gpu/ (a dry run: a temporary folder).
+# Packages missing on the GPU machine are installed from benchmarks/wheels/ (pip --no-index) when
+# that folder exists; see benchmarks/README.md, "GPU check".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,30 +20,10 @@ else
     PY=python3
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1
 
-dry=0
-[[ " $* " == *" --dry-run "* ]] && dry=1
-name=gpu_check
-prev=
-for a in "$@"; do
-    [ "$prev" = --compile ] && a="--compile=$a"
-    case "$a" in
-        --compile=model) name+=_compiled ;;
-        --compile=blocks) name+=_compiled_blocks ;;
-    esac
-    prev=$a
-done
-[[ " $* " == *" --profile "* ]] && name+=_profile
-out_args=()
-if [[ " $* " != *" --out "* ]]; then
-    if [ -n "${OUT:-}" ]; then
-        out_args=(--out "$OUT/$name.json")
-    elif [ "$dry" = 0 ]; then
-        out_args=(--out "benchmarks/results/gpu/$name.json")
-    fi
-fi
-
-if [ "$dry" = 0 ] && command -v nvidia-smi >/dev/null; then
+if [[ " $* " != *" --dry-run "* ]] && command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-exec timeout 290 "$PY" benchmarks/gpu_check.py "${out_args[@]}" "$@"
+# The sections' limits add up to 465 s; this one only stops a launcher that hangs itself.
+exec timeout 540 "$PY" benchmarks/gpu_check.py "$@"

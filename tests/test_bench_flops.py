@@ -160,13 +160,13 @@ def test_bound_limits():
     assert cache_speedup_bound(4, 30, 10, 2.0, 2.0) == pytest.approx(4 * 40 / (30 + 40))
 
 
-def test_gpu_check_dry_run_runs_on_cpu():
-    import gpu_check
+def test_gpu_step_dry_run_runs_on_cpu():
+    import gpu_step
 
-    result = gpu_check.main(["--dry-run", "--steps", "1", "--warmup", "1"])
+    result = gpu_step.main(["--dry-run", "--steps", "1", "--warmup", "1"])
     model = result["model"]
     assert result["training_step_flops"] == training_step_flops(
-        TransformerConfig(**gpu_check.MODEL_DRY), 1, model["video_tokens"], model["text_tokens"],
+        TransformerConfig(**gpu_step.MODEL_DRY), 1, model["video_tokens"], model["text_tokens"],
         model["condition_length"])
     assert result["step_s"] > 0 and result["mfu"] is None  # no known peak for a CPU
 
@@ -174,6 +174,6 @@ def test_gpu_check_dry_run_runs_on_cpu():
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
                                         ("NVIDIA H200", 989e12), ("NVIDIA GeForce RTX 4090", None)])
 def test_gpu_peak_by_name(name, peak):
-    import gpu_check
+    import gpu_step
 
-    assert gpu_check.peak_bf16(name) == peak
+    assert gpu_step.peak_bf16(name) == peak
