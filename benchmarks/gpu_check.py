@@ -180,14 +180,6 @@ def inputs(z: dict, dev: torch.device, t_video: float, t_text: float, batch: int
 
 #: Task -> (video timestep, text timestep): 0 is clean (in T2V the text, in V2T the video).
 TASKS = {"t2v": (500.0, 0.0), "v2t": (0.0, 500.0), "joint": (500.0, 500.0)}
-#: Where clean_isolated passes SDPA a boolean mask (a clean modality), a fused kernel may not take it.
-MASKED = "mask-free attention lands (clean_isolated's boolean mask at 33k tokens keeps SDPA off flash attention)"
-
-
-def masked_until(policy: str, task: str) -> str | None:
-    return MASKED if policy.startswith("clean_isolated") and task != "joint" else None
-
-
 def task_loss(velocity, logits, task: str):
     """What a training sample of `task` is scored on: the noisy modalities only."""
     loss = velocity.float().square().mean() if task != "v2t" else 0.0
@@ -251,7 +243,7 @@ def sec_attn(z: dict, rows: Rows, dry: bool) -> None:
                 model.zero_grad(set_to_none=True)
                 return {"fwd_bwd_s": round(elapsed, 4), "sdpa_kernels": kernels}
 
-            rows.measure("attn", f"{name}/{task}", case, until=masked_until(name, task), policy=name, task=task)
+            rows.measure("attn", f"{name}/{task}", case, policy=name, task=task)
         model = None  # frees its memory before the next one is built
 
 
@@ -306,7 +298,7 @@ def sec_train(z: dict, rows: Rows, dry: bool) -> None:
 
     model.enable_gradient_checkpointing(True)
     for task in TASKS:
-        rows.measure("train", f"{task}_checkpointed", steps(task), until=masked_until(UNIFIED["attention_policy"], task),
+        rows.measure("train", f"{task}_checkpointed", steps(task),
                      task=task, checkpointing=True, compiled=False)
     model.enable_gradient_checkpointing(False)
     rows.measure("train", "joint_no_checkpointing", steps("joint", 1), expect_oom=True, task="joint",
