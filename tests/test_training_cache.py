@@ -103,6 +103,22 @@ def test_prompt_embeddings_are_computed_once_per_text_and_encoder_config(tmp_pat
     assert other["a blue square moves left"].shape == (3, 8)
 
 
+def test_prompt_embeddings_are_stored_trimmed_and_looked_up_lazily(tmp_path, fake_encoder):
+    config = PromptEncoderConfig(kind="minilm", condition_length=6)
+    prompts = ["a red circle", "a blue square moves left now and then", "a"]
+    bank, null = cache_module.prompt_lookup(prompts, config, tmp_path, progress=False)
+    store = cache_module.prompt_store(tmp_path, config)
+    # Stored: the real tokens only (at most the condition length); the padding is rebuilt on lookup.
+    assert [store.get(cache_module.text_key(p)).shape for p in prompts] == [(3, 8), (6, 8), (1, 8)]
+    reference = FakeEncoder(6)
+    assert torch.equal(bank(prompts), reference.encode(prompts)[0])
+    assert torch.equal(null, reference.null_condition()[0][0])
+    # The bank holds keys, not tensors.
+    assert not any(isinstance(v, torch.Tensor) for v in vars(bank).values())
+    with pytest.raises(KeyError, match="no embedding"):
+        bank(["a green star"])
+
+
 # --------------------------------------------------------------------------------------------
 # Buckets
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import torch
 from ..config import TASKS, ExperimentConfig
 from ..flow.losses import count_loss_terms
 from ..flow.paths import MixtureTextPath, NoiseLevelSampler, RectifiedFlowPath
-from .data import PromptBank, sample_generator
+from .cache import PromptBank
+from .data import sample_generator
 
 
 @dataclass

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..config import ExperimentConfig
-from .cache import cached_manifest_latents, cached_prompt_embeddings
-from .data import PromptBank, shapesworld_set
+from .cache import PromptBank, cached_manifest_latents, prompt_lookup
+from .data import shapesworld_set
 
 
 def rank0_first(dist, fill):
@@ -49,6 +49,5 @@ def validation_set(cfg: ExperimentConfig, codec, cache_dir, device, dist=None, p
 def prompt_bank(cfg: ExperimentConfig, prompts: list[str], cache_dir, device, dist=None,
                 progress=False) -> tuple[PromptBank, torch.Tensor]:
     """Embeddings of `prompts` and the null condition, through the prompt cache."""
-    embeddings, null = rank0_first(dist, lambda compute: cached_prompt_embeddings(
+    return rank0_first(dist, lambda compute: prompt_lookup(
         prompts, cfg.prompt_encoder, cache_dir, device=device, compute=compute, progress=progress))
-    return PromptBank(embeddings), null
