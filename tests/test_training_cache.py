@@ -236,3 +236,39 @@ def test_trainer_on_a_bucketed_manifest(tmp_path, fake_encoder):
     assert (out / "model_index.json").is_file()
     record = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert record["val.video_loss"] > 0 and "t2v.all_correct" not in record  # no oracle for real data
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_resumed_run_on_the_cached_loader_is_exact(tmp_path, fake_encoder):
+    from univigu.training import checkpoint as ckpt
+    from univigu.training.logging import read_metrics
+
+    manifest = _write_manifest(tmp_path / "data", {f"c{i}": (i, 9, 32, 32) for i in range(6)})
+
+    def cfg(name, workers):
+        return tiny_config(tmp_path / name, tmp_path / "cache", f"train.manifest={manifest}", "train.batch_size=2",
+                           "model.text_dim=8", "train.steps=4", "train.save_every=2", "train.eval_samples=0",
+                           "train.lr=0.003", f"train.loader_workers={workers}")
+
+    Trainer(cfg("inline", 0), progress=False).run()  # fills the cache, reads in the loop
+    Trainer(cfg("full", 1), progress=False).run()
+
+    def stop_at_3(trainer, logs):
+        if trainer.step == 3:
+            raise _Stop  # killed after step 3: checkpoint 2 is the newest
+
+    with pytest.raises(_Stop):
+        Trainer(cfg("part", 1), progress=False).run(on_step=stop_at_3)
+    resumed = Trainer(cfg("part", 1), progress=False)
+    assert resumed.step == 2
+    resumed.run()
+
+    keys = ("loss", "video_loss", "grad_norm", "lr")
+    logs = {name: [[r[k] for k in keys] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+            for name in ("inline", "full", "part")}
+    assert len(logs["full"]) == 4 and logs["part"] == logs["full"] == logs["inline"]
+    final = [ckpt.read_weights(tmp_path / name / "checkpoints" / "ckpt-00000004", "model") for name in ("full", "part")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
