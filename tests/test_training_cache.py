@@ -217,6 +217,19 @@ def test_manifest_latents_are_cached_by_content(tmp_path, monkeypatch):
                                 world, cache, BUCKETS, compute=False, progress=False)
 
 
+def test_the_inline_fill_is_bounded_and_names_the_cache_command(tmp_path):
+    manifest = _write_manifest(tmp_path / "data", {f"c{i}": (i, 9, 32, 32) for i in range(3)})
+    codec_cfg, world = CodecConfig(spatial_factor=4), WorldConfig(width=16, height=16, frames=5)
+    codec = load_codec(codec_cfg)
+    with pytest.raises(CacheError, match="3 clips .* more than train.inline_cache_limit=2 .*univigu data cache"):
+        cached_manifest_latents(manifest, codec, codec_cfg, world, tmp_path / "cache", limit=2, progress=False)
+    with pytest.raises(CacheError, match="took over 0 s .*what is done is kept.*univigu data cache"):
+        cached_manifest_latents(manifest, codec, codec_cfg, world, tmp_path / "cache", encode_batch=1,
+                                deadline_s=0, progress=False)
+    data = cached_manifest_latents(manifest, codec, codec_cfg, world, tmp_path / "cache", limit=2, progress=False)
+    assert len(data) == 3  # the first clip was kept: two were left to encode
+
+
 def test_trainer_on_a_bucketed_manifest(tmp_path, fake_encoder):
     clips = {f"c{i}": (i, 9, *[(32, 32), (32, 48)][i % 2]) for i in range(8)}
     manifest = _write_manifest(tmp_path / "data", clips)

@@ -222,6 +222,9 @@ class TrainConfig:
     # Manifest data: processes reading the cached latents and prompt embeddings of the next steps
     # ahead of the loop (a torch DataLoader); 0 = read in the loop. ShapesWorld is always in memory.
     loader_workers: int = 2
+    # The most clips missing from the cache a run encodes itself (rank 0, while the others wait);
+    # above it the run stops at once and names `univigu data cache`.
+    inline_cache_limit: int = 512
 
 
 @dataclass
@@ -423,7 +426,7 @@ _RANGES = {
     ("train", "grad_accum"): (1, None), ("train", "warmup_steps"): (0, None), ("train", "min_lr_ratio"): (0, 1),
     ("train", "ema_decay"): (0, 1), ("train", "ema_warmup_steps"): (0, None), ("train", "weight_decay"): (0, None),
     ("train", "log_every"): (1, None), ("train", "save_every"): (0, None), ("train", "keep_last"): (1, None),
-    ("train", "loader_workers"): (0, None),
+    ("train", "loader_workers"): (0, None), ("train", "inline_cache_limit"): (0, None),
     ("train", "eval_every"): (0, None), ("train", "eval_samples"): (0, None), ("train", "sample_every"): (0, None),
     ("train", "num_samples"): (0, None),
     ("sampler", "video_steps"): (1, None), ("sampler", "text_steps"): (1, None),

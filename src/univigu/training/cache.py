@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,12 +444,15 @@ def open_latent_cache(manifest, codec, codec_config: CodecConfig, world: WorldCo
 def cached_manifest_latents(manifest: str | Path, codec, codec_config: CodecConfig, world: WorldConfig,
                             cache_dir: str | Path, bucket_sizes: Sequence[Sequence[int]] = (),
                             device: str | torch.device = "cpu", compute: bool = True,
-                            progress: bool = True, encode_batch: int = 8) -> LatentSet:
+                            progress: bool = True, encode_batch: int = 8, limit: int | None = None,
+                            deadline_s: float | None = None) -> LatentSet:
     """Every readable clip of a JSONL manifest as a cached latent (encoded once, ever).
 
     Clips are assigned to buckets (`make_buckets`), decoded with `num_frames` evenly spaced frames,
     scaled to cover the bucket size and centre-cropped. Unreadable clips and clips shorter than
     every bucket are left out with one `SkippedClipsWarning`. `compute=False` only reads.
+    This in-process fill is for small sets: more than `limit` clips to encode, or encoding for
+    longer than `deadline_s` (what is done is kept), raises CacheError naming `univigu data cache`.
     """
     cache_dir = Path(cache_dir)
     records, buckets, store, probes = open_latent_cache(manifest, codec, codec_config, world, cache_dir, bucket_sizes)
@@ -491,6 +495,11 @@ def cached_manifest_latents(manifest: str | Path, codec, codec_config: CodecConf
     todo = [(r, k, b) for r, k, b in chosen if k not in store and k not in failed]
     if todo and not compute:
         raise CacheError(f"{len(todo)} clip latents missing from the cache {store.directory}")
+    fix = f"fill the cache first: univigu data cache --config CONFIG --manifest {manifest} --out {cache_dir}"
+    if limit is not None and len(todo) > limit:
+        raise CacheError(f"{len(todo)} clips of {manifest} are not in the cache, more than train.inline_cache_limit="
+                         f"{limit} a training run encodes itself: {fix}")
+    began = time.monotonic()
     pending: dict[str, torch.Tensor] = {}
     home = next((p.device for p in codec.parameters()), None)  # learned codecs encode on `device`
     if todo and home is not None:
@@ -516,9 +525,13 @@ def cached_manifest_latents(manifest: str | Path, codec, codec_config: CodecConf
                     latents = codec.encode(torch.stack(videos).to(device)).float().cpu()
                     pending.update(zip(keys, latents))
                 bar.update(len(items[start:start + encode_batch]))
-                if sum(v.numel() for v in pending.values()) * 4 >= SHARD_BYTES:
+                late = deadline_s is not None and time.monotonic() - began > deadline_s
+                if late or sum(v.numel() for v in pending.values()) * 4 >= SHARD_BYTES:
                     store.put(pending)
                     pending = {}
+                if late:
+                    raise CacheError(f"encoding {len(todo)} clips inside the training run took over {deadline_s:.0f} s "
+                                     f"(the other processes wait at a barrier; what is done is kept): {fix}")
     if pending:
         store.put(pending)
     if todo and home is not None:
