@@ -285,3 +285,24 @@ def test_a_resumed_run_on_the_cached_loader_is_exact(tmp_path, fake_encoder):
     assert len(logs["full"]) == 4 and logs["part"] == logs["full"] == logs["inline"]
     final = [ckpt.read_weights(tmp_path / name / "checkpoints" / "ckpt-00000004", "model") for name in ("full", "part")]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_real_videos_get_a_subword_tokenizer_and_a_trimmed_one_that_misses_words_is_refused(tmp_path):
+    from univigu.training.build import TrainingError, build_tokenizer
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "train.jsonl").write_text(json.dumps({"video": "a.mp4", "prompt": "a red ball rolls"}) + "\n")
+    (root / "val.jsonl").write_text(json.dumps({"video": "b.mp4", "prompt": "a red ball",
+                                                "caption": "a crimson sphere glides slowly"}) + "\n")
+    corpus = ["a red ball rolls"]
+
+    def cfg(*extra):
+        return tiny_config(tmp_path / "run", tmp_path / "cache", f"train.manifest={root / 'train.jsonl'}",
+                           f"train.val_manifest={root / 'val.jsonl'}", *extra, stage="knowledge_recall")
+
+    assert build_tokenizer(cfg(), corpus).vocab_size > 30000  # auto on real videos: MiniLM's WordPiece
+    with pytest.raises(TrainingError, match=r"reads 50.0% of the tokens .* as unknown .*tokenizer.kind=auto"):
+        build_tokenizer(cfg("tokenizer.kind=trimmed"), corpus)
+    shapes = tiny_config(tmp_path / "run", tmp_path / "cache", stage="knowledge_recall")
+    assert build_tokenizer(shapes, corpus).vocab_size < 100  # ShapesWorld: still trimmed

@@ -124,7 +124,9 @@ class PromptEncoderConfig:
 class TokenizerConfig:
     """The text-stream tokenizer."""
 
-    kind: Literal["trimmed", "minilm", "file"] = "trimmed"
+    # auto: trimmed (a vocabulary of the training texts) on ShapesWorld; on a manifest of real videos
+    # a subword tokenizer: UMT5's tokenizer.json when the prompt encoder is UMT5, else MiniLM's WordPiece.
+    kind: Literal["auto", "trimmed", "minilm", "file"] = "auto"
     path: str | None = None  # tokenizer.json for kind=file
 
 
