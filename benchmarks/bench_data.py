@@ -5,7 +5,9 @@ as UMT5's (4096) and `--tokens` real tokens each, stored trimmed (the condition 
 rebuilt at lookup), and N tiny latents in one bucket. Then a fresh process builds what a training
 process holds for that cache (`LatentSet`, `PromptBank` through `prompt_lookup`, `StepInputs`)
 and reads `--steps` micro-batches spread over the whole set; its peak resident memory (VmHWM, reset before) above the
-same process before the data path is the number reported (MiB, and MiB per 1k samples). The
+same process before the data path is the number reported (MiB, and MiB per 1k samples between
+the smallest and largest N); `index_mib` is the resident growth from building the data path alone
+(the key index: what grows with N), before any read. The
 loader rate is micro-batches through a `torch.utils.data.DataLoader` with 0, 1 and 2 workers, as
 `BatchMaker.stream` runs them, beside the step rate of a tiny trainer for scale.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -79,12 +82,13 @@ def measure(root: Path, n: int, batch: int, steps: int) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _status_mib("VmRSS")
     inputs = data_path(root, n, batch)
+    built = _status_mib("VmRSS")
     per_epoch = n // batch
     for k in range(steps):  # spread over the whole set: every shard is read
         inputs[(k * 7919) % per_epoch]
     peak = _status_mib("VmHWM")
     return {"samples": n, "rss_before_mib": round(before, 1), "rss_peak_mib": round(peak, 1),
-            "data_path_mib": round(peak - before, 1)}
+            "index_mib": round(built - before, 2), "data_path_mib": round(peak - before, 1)}
 
 
 def loader_rate(root: Path, n: int, batch: int, steps: int, workers: int) -> float:
@@ -133,9 +137,12 @@ def main() -> None:
             root = Path(tmp) / f"n{n}"
             began = time.perf_counter()
             write_cache(root, n, args.tokens)
+            # Large buffers (a padded batch is 2 x 8 MiB) straight from mmap and back: glibc's growing
+            # heap threshold would otherwise make the peak depend on fragmentation, not on N.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
             done = subprocess.run([sys.executable, __file__, "--_measure", str(root), str(n), "--batch",
                                    str(args.batch), "--steps", str(args.steps)], capture_output=True, text=True,
-                                  check=True)
+                                  check=True, env=env)
             row = json.loads(done.stdout.strip().splitlines()[-1])
             row["cache_gib"] = round(sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 2**30, 2)
             row["write_s"] = round(time.perf_counter() - began, 1)
@@ -146,11 +153,14 @@ def main() -> None:
                 print(rates, flush=True)
         trainer = round(trainer_rate(Path(tmp)), 1)
     first, last = rows[0], rows[-1]
-    slope = (last["data_path_mib"] - first["data_path_mib"]) / ((last["samples"] - first["samples"]) / 1000)
+    per_1k = (last["samples"] - first["samples"]) / 1000
+    slope = (last["data_path_mib"] - first["data_path_mib"]) / per_1k
+    index_slope = (last["index_mib"] - first["index_mib"]) / per_1k
     payload = {"setting": {"prompt_width": WIDTH, "condition_length": ENCODER.condition_length,
                            "real_tokens_per_prompt": args.tokens, "latent_shape": list(LATENT), "batch": args.batch,
                            "steps_read": args.steps},
                "memory": rows, "mib_per_1k_samples": round(slope, 3),
+               "index_mib_per_1k_samples": round(index_slope, 3),
                "loader_samples_per_s": rates, "tiny_trainer_samples_per_s": trainer}
     print(json.dumps(payload, indent=2))
     if args.out:

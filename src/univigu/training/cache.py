@@ -169,9 +169,12 @@ def _read_header(shard: Path) -> dict[str, tuple]:
         size = f.read(8)
         header = json.loads(f.read(int.from_bytes(size, "little")) if len(size) == 8 else b"")
     base = 8 + int.from_bytes(size, "little")
-    return {key: (shard, _DTYPES[v["dtype"]], tuple(v["shape"]), base + v["data_offsets"][0],
-                  base + v["data_offsets"][1])
+    return {key: (shard, _DTYPES[v["dtype"]], _SHAPES.setdefault(tuple(v["shape"]), tuple(v["shape"])),
+                  base + v["data_offsets"][0], base + v["data_offsets"][1])
             for key, v in header.items() if key != "__metadata__"}
+
+
+_SHAPES: dict[tuple, tuple] = {}  # one tuple per distinct shape, shared by every entry of that shape
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,19 +197,20 @@ class PromptBank:
 
     def __init__(self, store: TensorStore, prompts: Sequence[str], length: int):
         self.store, self.length = store, length
-        self.keys = {p: text_key(p) for p in prompts}
+        self.prompts = prompts  # the caller's list (no copy): keys are hashed at lookup
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.prompts)
 
     def __contains__(self, prompt: str) -> bool:
-        return prompt in self.keys
+        return text_key(prompt) in self.store
 
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        missing = [p for p in prompts if p not in self.keys]
+        keys = [text_key(p) for p in prompts]
+        missing = [p for p, k in zip(prompts, keys) if k not in self.store]
         if missing:
             raise KeyError(f"no embedding for prompt {missing[0]!r}")
-        return torch.stack([padded(self.store.get(self.keys[p]), self.length) for p in prompts])
+        return torch.stack([padded(self.store.get(k), self.length) for k in keys])
 
     def null(self) -> torch.Tensor:
         return padded(self.store.get(NULL_KEY), self.length)
@@ -259,7 +263,7 @@ def prompt_lookup(prompts: Sequence[str], encoder_config: PromptEncoderConfig, c
             entries.update(null_entry(encoder))
         store.put(entries)
         del encoder
-    bank = PromptBank(store, unique, encoder_config.condition_length)
+    bank = PromptBank(store, prompts, encoder_config.condition_length)
     return bank, bank.null()
 
 
@@ -270,7 +274,7 @@ def cached_prompt_embeddings(prompts: Sequence[str], encoder_config: PromptEncod
     """({prompt: embedding [Lc, D] float32}, null condition [Lc, D]): every embedding in memory,
     for small sets; training looks them up lazily (`prompt_lookup`)."""
     bank, null = prompt_lookup(prompts, encoder_config, cache_dir, device, compute, progress)
-    return {p: bank([p])[0] for p in bank.keys}, null
+    return {p: bank([p])[0] for p in bank.prompts}, null
 
 
 # --------------------------------------------------------------------------------------------
