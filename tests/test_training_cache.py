@@ -103,6 +103,22 @@ def test_prompt_embeddings_are_computed_once_per_text_and_encoder_config(tmp_pat
     assert other["a blue square moves left"].shape == (3, 8)
 
 
+def test_prompt_embeddings_are_stored_trimmed_and_looked_up_lazily(tmp_path, fake_encoder):
+    config = PromptEncoderConfig(kind="minilm", condition_length=6)
+    prompts = ["a red circle", "a blue square moves left now and then", "a"]
+    bank, null = cache_module.prompt_lookup(prompts, config, tmp_path, progress=False)
+    store = cache_module.prompt_store(tmp_path, config)
+    # Stored: the real tokens only (at most the condition length); the padding is rebuilt on lookup.
+    assert [store.get(cache_module.text_key(p)).shape for p in prompts] == [(3, 8), (6, 8), (1, 8)]
+    reference = FakeEncoder(6)
+    assert torch.equal(bank(prompts), reference.encode(prompts)[0])
+    assert torch.equal(null, reference.null_condition()[0][0])
+    # The bank holds keys, not tensors.
+    assert not any(isinstance(v, torch.Tensor) for v in vars(bank).values())
+    with pytest.raises(KeyError, match="no embedding"):
+        bank(["a green star"])
+
+
 # --------------------------------------------------------------------------------------------
 # Buckets
 # --------------------------------------------------------------------------------------------
@@ -201,6 +217,19 @@ def test_manifest_latents_are_cached_by_content(tmp_path, monkeypatch):
                                 world, cache, BUCKETS, compute=False, progress=False)
 
 
+def test_the_inline_fill_is_bounded_and_names_the_cache_command(tmp_path):
+    manifest = _write_manifest(tmp_path / "data", {f"c{i}": (i, 9, 32, 32) for i in range(3)})
+    codec_cfg, world = CodecConfig(spatial_factor=4), WorldConfig(width=16, height=16, frames=5)
+    codec = load_codec(codec_cfg)
+    with pytest.raises(CacheError, match="3 clips .* more than train.inline_cache_limit=2 .*univigu data cache"):
+        cached_manifest_latents(manifest, codec, codec_cfg, world, tmp_path / "cache", limit=2, progress=False)
+    with pytest.raises(CacheError, match="took over 0 s .*what is done is kept.*univigu data cache"):
+        cached_manifest_latents(manifest, codec, codec_cfg, world, tmp_path / "cache", encode_batch=1,
+                                deadline_s=0, progress=False)
+    data = cached_manifest_latents(manifest, codec, codec_cfg, world, tmp_path / "cache", limit=2, progress=False)
+    assert len(data) == 3  # the first clip was kept: two were left to encode
+
+
 def test_trainer_on_a_bucketed_manifest(tmp_path, fake_encoder):
     clips = {f"c{i}": (i, 9, *[(32, 32), (32, 48)][i % 2]) for i in range(8)}
     manifest = _write_manifest(tmp_path / "data", clips)
@@ -220,3 +249,60 @@ def test_trainer_on_a_bucketed_manifest(tmp_path, fake_encoder):
     assert (out / "model_index.json").is_file()
     record = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert record["val.video_loss"] > 0 and "t2v.all_correct" not in record  # no oracle for real data
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_resumed_run_on_the_cached_loader_is_exact(tmp_path, fake_encoder):
+    from univigu.training import checkpoint as ckpt
+    from univigu.training.logging import read_metrics
+
+    manifest = _write_manifest(tmp_path / "data", {f"c{i}": (i, 9, 32, 32) for i in range(6)})
+
+    def cfg(name, workers):
+        return tiny_config(tmp_path / name, tmp_path / "cache", f"train.manifest={manifest}", "train.batch_size=2",
+                           "model.text_dim=8", "train.steps=4", "train.save_every=2", "train.eval_samples=0",
+                           "train.lr=0.003", f"train.loader_workers={workers}")
+
+    Trainer(cfg("inline", 0), progress=False).run()  # fills the cache, reads in the loop
+    Trainer(cfg("full", 1), progress=False).run()
+
+    def stop_at_3(trainer, logs):
+        if trainer.step == 3:
+            raise _Stop  # killed after step 3: checkpoint 2 is the newest
+
+    with pytest.raises(_Stop):
+        Trainer(cfg("part", 1), progress=False).run(on_step=stop_at_3)
+    resumed = Trainer(cfg("part", 1), progress=False)
+    assert resumed.step == 2
+    resumed.run()
+
+    keys = ("loss", "video_loss", "grad_norm", "lr")
+    logs = {name: [[r[k] for k in keys] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+            for name in ("inline", "full", "part")}
+    assert len(logs["full"]) == 4 and logs["part"] == logs["full"] == logs["inline"]
+    final = [ckpt.read_weights(tmp_path / name / "checkpoints" / "ckpt-00000004", "model") for name in ("full", "part")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_real_videos_get_a_subword_tokenizer_and_a_trimmed_one_that_misses_words_is_refused(tmp_path):
+    from univigu.training.build import TrainingError, build_tokenizer
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "train.jsonl").write_text(json.dumps({"video": "a.mp4", "prompt": "a red ball rolls"}) + "\n")
+    (root / "val.jsonl").write_text(json.dumps({"video": "b.mp4", "prompt": "a red ball",
+                                                "caption": "a crimson sphere glides slowly"}) + "\n")
+    corpus = ["a red ball rolls"]
+
+    def cfg(*extra):
+        return tiny_config(tmp_path / "run", tmp_path / "cache", f"train.manifest={root / 'train.jsonl'}",
+                           f"train.val_manifest={root / 'val.jsonl'}", *extra, stage="knowledge_recall")
+
+    assert build_tokenizer(cfg(), corpus).vocab_size > 30000  # auto on real videos: MiniLM's WordPiece
+    with pytest.raises(TrainingError, match=r"reads 50.0% of the tokens .* as unknown .*tokenizer.kind=auto"):
+        build_tokenizer(cfg("tokenizer.kind=trimmed"), corpus)
+    shapes = tiny_config(tmp_path / "run", tmp_path / "cache", stage="knowledge_recall")
+    assert build_tokenizer(shapes, corpus).vocab_size < 100  # ShapesWorld: still trimmed

@@ -124,7 +124,9 @@ class PromptEncoderConfig:
 class TokenizerConfig:
     """The text-stream tokenizer."""
 
-    kind: Literal["trimmed", "minilm", "file"] = "trimmed"
+    # auto: trimmed (a vocabulary of the training texts) on ShapesWorld; on a manifest of real videos
+    # a subword tokenizer: UMT5's tokenizer.json when the prompt encoder is UMT5, else MiniLM's WordPiece.
+    kind: Literal["auto", "trimmed", "minilm", "file"] = "auto"
     path: str | None = None  # tokenizer.json for kind=file
 
 
@@ -219,6 +221,12 @@ class TrainConfig:
     tensorboard: bool = True  # also write TensorBoard scalars when tensorboard is installed
     cache_dir: str | None = None  # latent / prompt-embedding cache; None = $UNIVIGU_CACHE_DIR or ~/.cache/univigu
     buckets: list[tuple[int, int, int]] = field(default_factory=list)  # [width, height, frames]; [] = world size
+    # Manifest data: processes reading the cached latents and prompt embeddings of the next steps
+    # ahead of the loop (a torch DataLoader); 0 = read in the loop. ShapesWorld is always in memory.
+    loader_workers: int = 2
+    # The most clips missing from the cache a run encodes itself (rank 0, while the others wait);
+    # above it the run stops at once and names `univigu data cache`.
+    inline_cache_limit: int = 512
 
 
 @dataclass
@@ -420,6 +428,7 @@ _RANGES = {
     ("train", "grad_accum"): (1, None), ("train", "warmup_steps"): (0, None), ("train", "min_lr_ratio"): (0, 1),
     ("train", "ema_decay"): (0, 1), ("train", "ema_warmup_steps"): (0, None), ("train", "weight_decay"): (0, None),
     ("train", "log_every"): (1, None), ("train", "save_every"): (0, None), ("train", "keep_last"): (1, None),
+    ("train", "loader_workers"): (0, None), ("train", "inline_cache_limit"): (0, None),
     ("train", "eval_every"): (0, None), ("train", "eval_samples"): (0, None), ("train", "sample_every"): (0, None),
     ("train", "num_samples"): (0, None),
     ("sampler", "video_steps"): (1, None), ("sampler", "text_steps"): (1, None),

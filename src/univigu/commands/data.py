@@ -1,4 +1,4 @@
-"""`univigu data`: make (`synth`) and index (`index`) video data sets."""
+"""`univigu data`: make (`synth`) and index (`index`) video data sets, and fill the training cache (`cache`)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,21 @@ ones is written, and the exit status is 1 (2, and no manifest, when no video is 
 """
 
 
+CACHE_EPILOG = """\
+examples:
+  univigu data cache --config my.yaml --manifest clips.jsonl --out /shared/cache --workers 8
+  torchrun --nproc_per_node=8 -m univigu data cache --config my.yaml --out /shared/cache
+  univigu data cache --config my.yaml --out /shared/cache --num_shards 64 --shard_index $SLURM_ARRAY_TASK_ID
+
+fills, ahead of training, every cache entry `univigu train` with the same config reads: the
+latents of train.manifest (or --manifest) in train.buckets and of train.val_manifest, and the
+prompt embeddings of both. Under torchrun each rank takes its share of the manifest; for a job
+array give --num_shards and --shard_index. Any number of processes writes the same files. What
+is stored is skipped, so a killed fill resumes where it stopped. Bad files are listed and left
+out; the exit status is then 1. Train with train.cache_dir set to --out.
+"""
+
+
 def register(subparsers) -> None:
     """Add `data` with its `synth` and `index` subcommands to the CLI's subparsers."""
     data = subparsers.add_parser(
@@ -48,7 +63,7 @@ def register(subparsers) -> None:
         epilog="examples:\n  univigu data synth --out data/shapes --num 1000\n"
                "  univigu data index --videos clips/ --captions captions.csv --out clips.jsonl\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = data.add_subparsers(dest="data_command", metavar="{synth,index}", required=True)
+    commands = data.add_subparsers(dest="data_command", metavar="{synth,index,cache}", required=True)
 
     synth = commands.add_parser(
         "synth", help="generate a captioned ShapesWorld data set",
@@ -95,6 +110,33 @@ def register(subparsers) -> None:
                             "(faster; misses damage inside the compressed data)")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
     index.set_defaults(func=run_index)
+
+    cache = commands.add_parser(
+        "cache", help="encode a manifest's latents and prompt embeddings into the training cache",
+        description="Fill the training cache ahead of training: decode videos in worker processes,\n"
+                    "encode them with the configured codec and their prompts with the configured\n"
+                    "encoder, in batches, sharded over processes, resumable.",
+        epilog=CACHE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cache.add_argument("--config", required=True, help="the training YAML config (codec, prompt encoder, buckets)")
+    cache.add_argument("overrides", nargs="*", help="key=value config overrides")
+    cache.add_argument("--manifest", action="append", default=None, metavar="M",
+                       help="JSONL manifest (repeatable; default train.manifest)")
+    cache.add_argument("--out", default=None, metavar="CACHE",
+                       help="cache folder (default train.cache_dir, else ~/.cache/univigu)")
+    cache.add_argument("--workers", type=int, default=4, metavar="N",
+                       help="decoding worker processes (default %(default)s; 0 decodes in this process)")
+    cache.add_argument("--batch", type=int, default=8, metavar="B", help="clips per codec batch (default %(default)s)")
+    cache.add_argument("--chunk", type=int, default=64, metavar="C",
+                       help="clips per cache file, the unit a killed fill redoes (default %(default)s; "
+                            "4x as many prompts); fills to share a cache use the same")
+    cache.add_argument("--num_shards", type=int, default=None, metavar="N",
+                       help="split the work in N shards (default: torchrun's WORLD_SIZE, else 1)")
+    cache.add_argument("--shard_index", type=int, default=None, metavar="I",
+                       help="the shard this process fills, 0..N-1 (default: torchrun's RANK, else 0)")
+    cache.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; "
+                                                      "cuda:LOCAL_RANK under torchrun)")
+    cache.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cache.set_defaults(func=run_cache)
 
 
 def parse_splits(text: str) -> dict[str, float]:
@@ -157,5 +199,40 @@ def run_index(args: argparse.Namespace) -> int:
         print(f"  bad: {item['video']}: {item['reason']}")
     if bad:
         print(f"error: {len(bad)} bad file(s) left out of {args.out} (listed above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from univigu.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.workers < 0 or args.batch < 1 or args.chunk < 1:
+        raise DataCommandError(f"--workers must be >= 0, --batch and --chunk >= 1, got {args.workers}, "
+                               f"{args.batch} and {args.chunk}")
+    for manifest in args.manifest or []:
+        if not Path(manifest).is_file():
+            raise DataCommandError(f"--manifest {manifest} not found")
+    import os
+
+    import torch
+
+    from univigu.training.cache import default_cache_dir
+    from univigu.training.fill import fill_cache, process_shard
+
+    num_shards, shard_index = process_shard(args.num_shards, args.shard_index)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and torch.device(device).index is None and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    out = Path(args.out or cfg.train.cache_dir or default_cache_dir())
+    start = time.perf_counter()
+    report = fill_cache(cfg, out, args.manifest, device=device, num_shards=num_shards, shard_index=shard_index,
+                        workers=args.workers, encode_batch=args.batch, chunk=args.chunk,
+                        progress=not args.no_progress and shard_index == 0)
+    print(f"{out}: {report.summary()} in {time.perf_counter() - start:.1f} s")
+    for item in report.bad:
+        print(f"  bad: {item}")
+    if report.bad:
+        print(f"error: {len(report.bad)} bad file(s) left out of the cache (listed above)", file=sys.stderr)
         return 1
     return 0

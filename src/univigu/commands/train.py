@@ -15,7 +15,9 @@ Outputs in train.output_dir: checkpoints/ (atomic; a rerun resumes from the newe
 samples/ (every train.sample_every steps) and model/ (the EMA weights, for the pipeline), all
 written atomically. One run at a time: OUT/.lock names the run using the folder, and a second run
 into it exits at once (--force takes over a lock left on another host).
-Latents and prompt embeddings are cached in train.cache_dir (default ~/.cache/univigu).
+Latents and prompt embeddings are cached in train.cache_dir (default ~/.cache/univigu). A run
+encodes at most train.inline_cache_limit missing clips itself; fill larger sets beforehand with
+`univigu data cache --config CONFIG --out CACHE` (sharded over processes, resumable).
 """
 
 

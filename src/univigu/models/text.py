@@ -569,8 +569,11 @@ class TextTokenizer:
 def load_text_tokenizer(config: TokenizerConfig | None = None,
                         corpus: Iterable[str] | None = None) -> TextTokenizer:
     """The tokenizer a `TokenizerConfig` describes: `minilm`, `file` (config.path: a tokenizer.json
-    or a saved directory), or `trimmed` (config.path if it was saved, else built from `corpus`)."""
+    or a saved directory), or `trimmed` (config.path if it was saved, else built from `corpus`).
+    `auto` is `trimmed` here; a training run picks a subword tokenizer for real videos (training/build.py)."""
     config = config or TokenizerConfig()
+    if config.kind == "auto":
+        config = TokenizerConfig(kind="trimmed", path=config.path)
     if config.kind == "minilm":
         return TextTokenizer.minilm()
     if config.kind == "file" or (config.kind == "trimmed" and config.path):
@@ -583,7 +586,7 @@ def load_text_tokenizer(config: TokenizerConfig | None = None,
             raise TokenizerError("a trimmed tokenizer needs a corpus (prompts and captions) "
                                  "or a saved tokenizer path")
         return TextTokenizer.train_from_corpus(corpus)
-    raise TokenizerError(f"unknown tokenizer kind {config.kind!r} (known: trimmed, minilm, file)")
+    raise TokenizerError(f"unknown tokenizer kind {config.kind!r} (known: auto, trimmed, minilm, file)")
 
 
 NULL_CONDITION_FILE = "null_condition.safetensors"

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..config import TASKS, ExperimentConfig
 from ..flow.losses import count_loss_terms
 from ..flow.paths import MixtureTextPath, NoiseLevelSampler, RectifiedFlowPath
-from .data import PromptBank, sample_generator
+from .cache import PromptBank
+from .data import sample_generator
 
 
 @dataclass
@@ -62,6 +64,27 @@ def _text_noise_level(generator: torch.Generator) -> torch.Tensor:
     return torch.rand(1, generator=generator).clamp(min=1e-3)[0]
 
 
+class StepInputs(torch.utils.data.Dataset):
+    """Micro-step -> (this process's sample indices, their clean latents, their prompt embeddings):
+    the part of a batch read from the cache, a pure function of the micro-step (the step-indexed
+    sampler is the one source of truth), so a loader may read it ahead in worker processes."""
+
+    def __init__(self, data, codec, prompts, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.data, self.codec, self.prompts = data, codec, prompts
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+
+    def __getitem__(self, micro_step: int):
+        index = self.data.batch(micro_step, self.batch_size, self.seed)
+        if self.world_size > 1:  # as DistributedContext.shard (checked there when the run starts)
+            index = np.array_split(index, self.world_size)[self.rank]
+        return (index, self.data.latents(index, self.codec),
+                self.prompts([self.data.prompts[i] for i in index]))
+
+
+def _as_is(item):
+    return item
+
+
 class BatchMaker:
     """Makes this process's part of every global micro-batch and noises it for its tasks."""
 
@@ -74,6 +97,31 @@ class BatchMaker:
         self.dist = dist
         self.video_path = RectifiedFlowPath()
         self.noise_levels = NoiseLevelSampler.from_config(cfg.flow)
+        self.inputs = StepInputs(data, codec, prompts, cfg.train.batch_size, cfg.train.seed,
+                                 0 if dist is None else dist.rank, 1 if dist is None else dist.world_size)
+        self._stream = None  # (iterator over micro-steps from `_next`, the next micro-step it yields)
+
+    def stream(self, start: int, end: int, workers: int, pin_memory: bool = False) -> None:
+        """Read micro-steps start..end-1 ahead with a DataLoader of `workers` processes (each holding
+        two micro-batches ready); `make` takes them in order and computes any other step itself."""
+        self.stop()
+        if workers <= 0 or start >= end:
+            return
+        loader = torch.utils.data.DataLoader(self.inputs, sampler=range(start, end), batch_size=None,
+                                             num_workers=workers, prefetch_factor=2, collate_fn=_as_is,
+                                             pin_memory=pin_memory)
+        self._stream = [iter(loader), start]
+
+    def stop(self) -> None:
+        self._stream = None  # dropping the iterator shuts its workers down
+
+    def _inputs(self, micro_step: int):
+        if self._stream is not None and self._stream[1] == micro_step:
+            self._stream[1] += 1
+            return next(self._stream[0])
+        if self.dist is not None:
+            self.dist.shard(self.data.batch(micro_step, self.train.batch_size, self.train.seed))  # its checks
+        return self.inputs[micro_step]
 
     def draw_tasks(self, generators: list[torch.Generator]) -> list[str]:
         if self.tokenizer is None:
@@ -87,13 +135,9 @@ class BatchMaker:
         """This process's part of global micro-batch `micro_step` of optimizer step `step`."""
         t = self.train
         step = micro_step if step is None else step
-        index = self.data.batch(micro_step, t.batch_size, t.seed)
-        if self.dist is not None:
-            index = self.dist.shard(index)
+        index, video, condition = self._inputs(micro_step)
         generators = [sample_generator(t.seed, step, int(i)) for i in index]
         tasks = self.draw_tasks(generators)
-        video = self.data.latents(index, self.codec)
-        condition = self.prompts([self.data.prompts[i] for i in index])
         text = None
         if self.tokenizer is not None:
             target = self.data.prompts if t.stage == "knowledge_recall" else self.data.captions

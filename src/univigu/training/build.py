@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, TokenizerConfig
 from ..models.bundle import INDEX_NAME, load_bundle
 from ..models.text import TextTokenizer, load_text_tokenizer
 from ..models.transformer import UniViGUTransformer
@@ -26,8 +26,44 @@ def build_tokenizer(cfg: ExperimentConfig, corpus: list[str]) -> TextTokenizer |
         return None
     if t.init_from and (Path(t.init_from) / "tokenizer").is_dir():
         return TextTokenizer.load(Path(t.init_from) / "tokenizer")
-    # A trimmed vocabulary covers the prompts and captions the model will ever write here.
-    return load_text_tokenizer(cfg.tokenizer, corpus=corpus)
+    tokenizer = load_text_tokenizer(tokenizer_config(cfg), corpus=corpus)
+    if t.manifest and t.val_manifest and (cfg.tokenizer.kind == "trimmed" and not cfg.tokenizer.path):
+        check_unknown_rate(tokenizer, t.val_manifest)
+    return tokenizer
+
+
+def tokenizer_config(cfg: ExperimentConfig) -> TokenizerConfig:
+    """`tokenizer.kind=auto` made concrete: a vocabulary trimmed to ShapesWorld's texts (they are all
+    the model will ever write there); on real videos a subword tokenizer, UMT5's own tokenizer.json
+    when the prompt encoder has one, else MiniLM's WordPiece."""
+    if cfg.tokenizer.kind != "auto":
+        return cfg.tokenizer
+    if not cfg.train.manifest:
+        return TokenizerConfig(kind="trimmed", path=cfg.tokenizer.path)
+    encoder = cfg.prompt_encoder
+    if encoder.kind == "umt5" and encoder.path:
+        for candidate in (Path(encoder.path) / "tokenizer.json", Path(encoder.path) / "tokenizer" / "tokenizer.json"):
+            if candidate.is_file():
+                return TokenizerConfig(kind="file", path=str(candidate))
+    return TokenizerConfig(kind="minilm")
+
+
+MAX_UNKNOWN_RATE = 0.01
+
+
+def check_unknown_rate(tokenizer: TextTokenizer, val_manifest: str) -> None:
+    """Refuse a trimmed vocabulary that would read more than 1% of the held-out texts' tokens as UNK."""
+    from ..data.manifest import read_manifest
+
+    texts = [text for r in read_manifest(val_manifest, required=("video", "prompt"))
+             for text in (r["prompt"], r.get("caption", r["prompt"]))]
+    ids = [i for text in texts for i in tokenizer.tokenize(text)]
+    unknown = sum(i == tokenizer.unk_id for i in ids)
+    if ids and unknown > MAX_UNKNOWN_RATE * len(ids):
+        raise TrainingError(f"tokenizer.kind=trimmed reads {unknown / len(ids):.1%} of the tokens of {val_manifest} "
+                            f"as unknown (more than {MAX_UNKNOWN_RATE:.0%}): words unseen in training cannot be "
+                            f"written; use a subword tokenizer: tokenizer.kind=auto (or minilm, or file with "
+                            f"tokenizer.path=.../tokenizer.json)")
 
 
 def load_init(path: str | Path) -> UniViGUTransformer:

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -89,8 +89,11 @@ def file_sha1(path: str | Path, chunk: int = 1 << 20) -> str:
 class TensorStore:
     """Tensors keyed by content, stored as safetensors shards in one folder.
 
-    Reading only opens shard headers until a tensor is asked for; writing adds a new shard
-    (named by the sha1 of its keys, so two writers of the same entries write the same file).
+    Opening reads only the shard headers (key -> file, dtype, shape, byte range); `get` reads one
+    tensor's bytes with a positioned read. Nothing is memory-mapped or kept, so what a process holds
+    does not grow with the number of entries it has read (an mmap's touched pages would count as
+    resident memory). Writing adds a new shard, named by the sha1 of its keys, so two writers of the
+    same entries write the same file.
     """
 
     def __init__(self, directory: str | Path, config: dict | None = None):
@@ -98,18 +101,18 @@ class TensorStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         if config is not None and not (self.directory / "config.json").is_file():
             atomic_write_text(self.directory / "config.json", json.dumps(config, indent=2, default=str))
-        self._where: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
+        self._where: dict[str, tuple] = {}  # key -> (shard, dtype, shape, start, end)
+        self._shards: set[Path] = set()
         self.refresh()
 
     def refresh(self) -> None:
         """Re-read the shard headers (entries written by another process)."""
         for shard in sorted(self.directory.glob("shard-*.safetensors")):
-            if shard in self._handles or shard in self._where.values():
+            if shard in self._shards:
                 continue
-            with safe_open(str(shard), framework="pt") as f:
-                for key in f.keys():
-                    self._where.setdefault(key, shard)
+            for key, entry in _read_header(shard).items():
+                self._where.setdefault(key, entry)
+            self._shards.add(shard)
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
@@ -117,13 +120,20 @@ class TensorStore:
     def __len__(self) -> int:
         return len(self._where)
 
+    def shards(self) -> list[Path]:
+        return sorted(self._shards)
+
     def get(self, key: str) -> torch.Tensor:
         if key not in self._where:
             raise CacheError(f"{key} is not in the cache {self.directory}")
-        shard = self._where[key]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(shard), framework="pt")
-        return self._handles[shard].get_tensor(key)
+        shard, dtype, shape, start, end = self._where[key]
+        with open(shard, "rb", buffering=0) as f:
+            raw = os.pread(f.fileno(), end - start, start)
+        if len(raw) != end - start:
+            raise CacheError(f"{shard} is truncated (entry {key})")
+        if not raw:
+            return torch.zeros(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
 
     def put(self, entries: dict[str, torch.Tensor]) -> None:
         """Write `entries` as one or more new shards (atomically)."""
@@ -143,8 +153,28 @@ class TensorStore:
         final = self.directory / f"shard-{name}.safetensors"
         with atomic_file(final) as tmp:
             save_file(batch, str(tmp))
-        for key in batch:
-            self._where.setdefault(key, final)
+        for key, entry in _read_header(final).items():
+            self._where.setdefault(key, entry)
+        self._shards.add(final)
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _read_header(shard: Path) -> dict[str, tuple]:
+    """A safetensors file's entries: key -> (file, dtype, shape, start byte, end byte)."""
+    with open(shard, "rb") as f:
+        size = f.read(8)
+        header = json.loads(f.read(int.from_bytes(size, "little")) if len(size) == 8 else b"")
+    base = 8 + int.from_bytes(size, "little")
+    return {key: (shard, _DTYPES[v["dtype"]], _SHAPES.setdefault(tuple(v["shape"]), tuple(v["shape"])),
+                  base + v["data_offsets"][0], base + v["data_offsets"][1])
+            for key, v in header.items() if key != "__metadata__"}
+
+
+_SHAPES: dict[tuple, tuple] = {}  # one tuple per distinct shape, shared by every entry of that shape
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,41 +187,94 @@ def prompt_store(cache_dir: str | Path, encoder_config: PromptEncoderConfig) -> 
     return TensorStore(Path(cache_dir) / "prompts" / config_key("prompt_encoder", config), config)
 
 
-def cached_prompt_embeddings(prompts: Sequence[str], encoder_config: PromptEncoderConfig,
-                             cache_dir: str | Path, device: str | torch.device = "cpu",
-                             compute: bool = True, progress: bool = True
-                             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """({prompt: embedding [Lc, D] float32}, null condition [Lc, D]) from the cache.
+class PromptBank:
+    """Prompt embeddings looked up by prompt text, read from the prompt store when asked for.
+
+    Entries are stored trimmed to the prompt's real tokens; a lookup zero-pads them back to the
+    condition length (what the encoder itself returns). The bank holds only the prompt -> key
+    index, not the embeddings: its memory does not grow with the embeddings' size.
+    """
+
+    def __init__(self, store: TensorStore, prompts: Sequence[str], length: int):
+        self.store, self.length = store, length
+        self.prompts = prompts  # the caller's list (no copy): keys are hashed at lookup
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __contains__(self, prompt: str) -> bool:
+        return text_key(prompt) in self.store
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        keys = [text_key(p) for p in prompts]
+        missing = [p for p, k in zip(prompts, keys) if k not in self.store]
+        if missing:
+            raise KeyError(f"no embedding for prompt {missing[0]!r}")
+        return torch.stack([padded(self.store.get(k), self.length) for k in keys])
+
+    def null(self) -> torch.Tensor:
+        return padded(self.store.get(NULL_KEY), self.length)
+
+
+def padded(states: torch.Tensor, length: int) -> torch.Tensor:
+    """A trimmed embedding [n, D] as float32 [length, D], zeros after its n real tokens."""
+    out = torch.zeros(length, states.shape[-1], dtype=torch.float32)
+    out[: min(length, states.shape[0])] = states[:length].float()
+    return out
+
+
+def encode_trimmed(encoder, prompts: Sequence[str], progress: bool = False,
+                   desc: str = "encoding prompts") -> dict[str, torch.Tensor]:
+    """{store key: embedding trimmed to the prompt's real tokens [n, D] float32} of `prompts`."""
+    from ..models.precompute import content_key, encode_prompts
+
+    fresh = encode_prompts(encoder, list(prompts), progress=progress, desc=desc)
+    out = {}
+    for p in prompts:
+        emb, mask = fresh[content_key(p)]
+        out[text_key(p)] = emb[: int(mask.sum())].clone()
+    return out
+
+
+def null_entry(encoder) -> dict[str, torch.Tensor]:
+    emb, mask = encoder.null_condition()
+    return {NULL_KEY: emb[0, : int(mask[0].sum())].float().cpu().clone()}
+
+
+def prompt_lookup(prompts: Sequence[str], encoder_config: PromptEncoderConfig, cache_dir: str | Path,
+                  device: str | torch.device = "cpu", compute: bool = True, progress: bool = True
+                  ) -> tuple[PromptBank, torch.Tensor]:
+    """(a PromptBank over `prompts`, null condition [Lc, D]) from the prompt cache.
 
     Prompts not in the cache are encoded (the encoder is loaded only then) and stored, unless
     `compute=False` (processes that only read what rank 0 wrote), which raises CacheError.
     """
     store = prompt_store(cache_dir, encoder_config)
     unique = sorted(set(prompts))
-    keys = {p: text_key(p) for p in unique}
-    missing = [p for p in unique if keys[p] not in store]
+    missing = [p for p in unique if text_key(p) not in store]
     if missing or NULL_KEY not in store:
         if not compute:
             raise CacheError(f"{len(missing)} prompt embeddings missing from {store.directory}")
-        from ..models.precompute import encode_prompts
         from ..models.text import load_prompt_encoder
 
         encoder = load_prompt_encoder(encoder_config, device=device)
-        entries = {}
-        if missing:
-            fresh = encode_prompts(encoder, missing, progress=progress)
-            entries = {keys[p]: fresh[_precompute_key(p)][0] for p in missing}
+        entries = encode_trimmed(encoder, missing, progress=progress) if missing else {}
         if NULL_KEY not in store:
-            entries[NULL_KEY] = encoder.null_condition()[0][0].float().cpu()
+            entries.update(null_entry(encoder))
         store.put(entries)
         del encoder
-    return {p: store.get(keys[p]).float() for p in unique}, store.get(NULL_KEY).float()
+    bank = PromptBank(store, prompts, encoder_config.condition_length)
+    return bank, bank.null()
 
 
-def _precompute_key(prompt: str) -> str:
-    from ..models.precompute import content_key
-
-    return content_key(prompt)
+def cached_prompt_embeddings(prompts: Sequence[str], encoder_config: PromptEncoderConfig,
+                             cache_dir: str | Path, device: str | torch.device = "cpu",
+                             compute: bool = True, progress: bool = True
+                             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({prompt: embedding [Lc, D] float32}, null condition [Lc, D]): every embedding in memory,
+    for small sets; training looks them up lazily (`prompt_lookup`)."""
+    bank, null = prompt_lookup(prompts, encoder_config, cache_dir, device, compute, progress)
+    return {p: bank([p])[0] for p in bank.prompts}, null
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,12 +353,33 @@ class BucketSampler:
 
 
 class FileHashes:
-    """sha1 of file bytes, memoised by (path, size, mtime) in CACHE_DIR/file-hashes.json."""
+    """sha1 of file bytes, memoised by (path, size, mtime) in CACHE_DIR/file-hashes.json.
 
-    def __init__(self, cache_dir: Path):
-        self.path = cache_dir / "file-hashes.json"
-        self.memo = json.loads(self.path.read_text()) if self.path.is_file() else {}
+    A sharded fill (`training/fill.py`) writes one memo per shard (`file-hashes-I-of-N.json`, so
+    parallel writers never replace each other's); every memo of the folder is read."""
+
+    def __init__(self, cache_dir: Path, name: str = "file-hashes.json"):
+        self.path = cache_dir / name
+        self.memo = {}
+        for memo in sorted(cache_dir.glob("file-hashes*.json")):
+            try:
+                self.memo.update(json.loads(memo.read_text()))
+            except (OSError, ValueError):  # a memo is only a shortcut: an unreadable one is ignored
+                continue
         self.dirty = False
+
+    def known(self, file: str) -> str | None:
+        """The memoised sha1 of `file` when it is unchanged, else None (nothing is read)."""
+        st = os.stat(file)
+        entry = self.memo.get(file)
+        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+            return entry[2]
+        return None
+
+    def add(self, file: str, digest: str) -> None:
+        st = os.stat(file)
+        self.memo[file] = [st.st_size, st.st_mtime_ns, digest]
+        self.dirty = True
 
     def __call__(self, file: str) -> str:
         st = os.stat(file)
@@ -290,6 +394,11 @@ class FileHashes:
     def save(self) -> None:
         if self.dirty:
             atomic_write_text(self.path, json.dumps(self.memo))
+
+
+def bad_key(key: str) -> str:
+    """The entry that marks a probe or latent key as unreadable (an empty tensor)."""
+    return f"bad:{key}"
 
 
 def latent_key(file_hash: str, bucket: Bucket) -> str:
@@ -322,18 +431,9 @@ class LatentSet:
         return torch.stack([self.store.get(self.keys[i]) for i in index]).float()
 
 
-@torch.no_grad()
-def cached_manifest_latents(manifest: str | Path, codec, codec_config: CodecConfig, world: WorldConfig,
-                            cache_dir: str | Path, bucket_sizes: Sequence[Sequence[int]] = (),
-                            device: str | torch.device = "cpu", compute: bool = True,
-                            progress: bool = True, encode_batch: int = 8) -> LatentSet:
-    """Every readable clip of a JSONL manifest as a cached latent (encoded once, ever).
-
-    Clips are assigned to buckets (`make_buckets`), decoded with `num_frames` evenly spaced frames,
-    scaled to cover the bucket size and centre-cropped. Unreadable clips and clips shorter than
-    every bucket are left out with one `SkippedClipsWarning`. `compute=False` only reads.
-    """
-    cache_dir = Path(cache_dir)
+def open_latent_cache(manifest, codec, codec_config: CodecConfig, world: WorldConfig, cache_dir: Path,
+                      bucket_sizes: Sequence[Sequence[int]] = ()):
+    """(manifest records, buckets checked against the codec, latent store, probe store)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     records = read_manifest(manifest, required=("video", "prompt"))
     buckets = make_buckets(bucket_sizes, world)
@@ -341,7 +441,25 @@ def cached_manifest_latents(manifest: str | Path, codec, codec_config: CodecConf
         codec.check_frames(b.frames, b.height, b.width)
     codec_cfg = to_dict(codec_config)
     store = TensorStore(cache_dir / "latents" / config_key("codec", codec_cfg), codec_cfg)
-    probes = TensorStore(cache_dir / "probes")
+    return records, buckets, store, TensorStore(cache_dir / "probes")
+
+
+@torch.no_grad()
+def cached_manifest_latents(manifest: str | Path, codec, codec_config: CodecConfig, world: WorldConfig,
+                            cache_dir: str | Path, bucket_sizes: Sequence[Sequence[int]] = (),
+                            device: str | torch.device = "cpu", compute: bool = True,
+                            progress: bool = True, encode_batch: int = 8, limit: int | None = None,
+                            deadline_s: float | None = None) -> LatentSet:
+    """Every readable clip of a JSONL manifest as a cached latent (encoded once, ever).
+
+    Clips are assigned to buckets (`make_buckets`), decoded with `num_frames` evenly spaced frames,
+    scaled to cover the bucket size and centre-cropped. Unreadable clips and clips shorter than
+    every bucket are left out with one `SkippedClipsWarning`. `compute=False` only reads.
+    This in-process fill is for small sets: more than `limit` clips to encode, or encoding for
+    longer than `deadline_s` (what is done is kept), raises CacheError naming `univigu data cache`.
+    """
+    cache_dir = Path(cache_dir)
+    records, buckets, store, probes = open_latent_cache(manifest, codec, codec_config, world, cache_dir, bucket_sizes)
     hashes = FileHashes(cache_dir)
 
     skipped: list[str] = []
@@ -352,6 +470,9 @@ def cached_manifest_latents(manifest: str | Path, codec, codec_config: CodecConf
         path = record["video"]
         try:
             digest = hashes(path)
+            if bad_key(digest) in probes:  # a fill found it unreadable
+                skipped.append(f"{path} (unreadable, found by an earlier fill)")
+                continue
             if digest in probes:
                 width, height, frames = probes.get(digest).tolist()
             else:
@@ -373,10 +494,16 @@ def cached_manifest_latents(manifest: str | Path, codec, codec_config: CodecConf
             probes.put(new_probes)
         hashes.save()
 
-    todo = [(r, k, b) for r, k, b in chosen if k not in store]
+    failed = {k for _, k, _ in chosen if bad_key(k) in store}  # a fill could not decode them
+    skipped += [f"{r['video']} (undecodable, found by an earlier fill)" for r, k, _ in chosen if k in failed]
+    todo = [(r, k, b) for r, k, b in chosen if k not in store and k not in failed]
     if todo and not compute:
         raise CacheError(f"{len(todo)} clip latents missing from the cache {store.directory}")
-    failed = set()
+    fix = f"fill the cache first: univigu data cache --config CONFIG --manifest {manifest} --out {cache_dir}"
+    if limit is not None and len(todo) > limit:
+        raise CacheError(f"{len(todo)} clips of {manifest} are not in the cache, more than train.inline_cache_limit="
+                         f"{limit} a training run encodes itself: {fix}")
+    began = time.monotonic()
     pending: dict[str, torch.Tensor] = {}
     home = next((p.device for p in codec.parameters()), None)  # learned codecs encode on `device`
     if todo and home is not None:
@@ -402,9 +529,13 @@ def cached_manifest_latents(manifest: str | Path, codec, codec_config: CodecConf
                     latents = codec.encode(torch.stack(videos).to(device)).float().cpu()
                     pending.update(zip(keys, latents))
                 bar.update(len(items[start:start + encode_batch]))
-                if sum(v.numel() for v in pending.values()) * 4 >= SHARD_BYTES:
+                late = deadline_s is not None and time.monotonic() - began > deadline_s
+                if late or sum(v.numel() for v in pending.values()) * 4 >= SHARD_BYTES:
                     store.put(pending)
                     pending = {}
+                if late:
+                    raise CacheError(f"encoding {len(todo)} clips inside the training run took over {deadline_s:.0f} s "
+                                     f"(the other processes wait at a barrier; what is done is kept): {fix}")
     if pending:
         store.put(pending)
     if todo and home is not None:

@@ -4,6 +4,7 @@ Small worlds (ShapesWorld, a few thousand clips) fit in memory as uint8 frames; 
 batch by the codec (the default pixel-unshuffle codec costs nothing). Real videos go through the
 latent cache instead (`training/cache.py`, `LatentSet`); both data sets offer the same three calls:
 `batch(step, batch_size, seed)`, `latents(index, codec)` and the `prompts` / `captions` / `ids` lists.
+Prompt embeddings are looked up from the prompt cache (`cache.PromptBank`).
 The order of samples is a permutation keyed by (seed, epoch), so a run resumed at step k sees
 exactly the batches an uninterrupted run would.
 """
@@ -72,17 +73,3 @@ def sample_generator(seed: int, step: int, sample_id: int) -> torch.Generator:
     """The RNG of one sample at one step: noise and masking do not depend on how a batch is split."""
     mixed = np.random.SeedSequence([seed, step, sample_id]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
-
-
-class PromptBank:
-    """Prompt embeddings [Lc, D] looked up by prompt text (filled from the prompt cache)."""
-
-    def __init__(self, embeddings: dict[str, torch.Tensor]):
-        self.index = {p: i for i, p in enumerate(embeddings)}
-        self.embeddings = torch.stack(list(embeddings.values())) if embeddings else torch.zeros(0)
-
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        missing = [p for p in prompts if p not in self.index]
-        if missing:
-            raise KeyError(f"no embedding for prompt {missing[0]!r}")
-        return self.embeddings[[self.index[p] for p in prompts]]

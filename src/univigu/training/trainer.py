@@ -263,6 +263,9 @@ class Trainer:
         # The rate is over the training steps since the last log line, their own time only: not
         # evaluation, checkpoints or samples, nor what came before (compiling, a resumed run).
         window_steps, window_seconds = 0, 0.0
+        if t.manifest:  # cached data: read ahead in worker processes, from the step a resume starts at
+            self.batches.stream(self.step * t.grad_accum, t.steps * t.grad_accum, t.loader_workers,
+                                pin_memory=self.device.type == "cuda")
         try:
             while self.step < t.steps:
                 began = time.perf_counter()
@@ -294,6 +297,7 @@ class Trainer:
                 self.write_samples()
             return self.export()
         finally:
+            self.batches.stop()
             bar.close()
             self.logger.close()
             self.close()
