@@ -174,6 +174,22 @@ class TaskMixture:
 
 
 @dataclass
+class LoraTrainConfig:
+    """Low-rank adapters (peft's LoRA) on the diffusers-named linear layers; `rank` 0 = none.
+
+    `targets`: one entry per parameter group, "GROUP:PATTERN,PATTERN,...", the patterns matched
+    (fnmatch) against a linear layer's name inside its block, e.g. "shared:attn1.to_q,attn1.to_k",
+    "video:ffn.*", "text:text_ffn.*". An adapted layer's own weights are frozen, whatever
+    `train.trainable` says; the adapters train at `lr_scale` x `train.lr`."""
+
+    rank: int = 0
+    alpha: float | None = None  # None = rank (scale 1)
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["shared:attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0"])
+    lr_scale: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     stage: Literal["generator", "knowledge_recall", "capability_refinement"] = "generator"
     init_from: str | None = None  # previous stage's directory, or a Wan checkpoint directory
@@ -192,7 +208,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup_steps: int = 100
     bf16: bool = True
-    trainable: Literal["all", "text", "text_and_shared"] = "all"
+    trainable: Literal["all", "text", "text_and_shared", "none"] = "all"  # none: only LoRA adapters train
     # Learning-rate multipliers for the pretrained video parts and the shared attention/modulation
     # (the new text parts get train.lr): keep the generator's prior while the text stream learns.
     lr_scale_video: float = 1.0
@@ -201,6 +217,7 @@ class TrainConfig:
     # torch.compile every transformer block (as torchtitan does): fuses the elementwise work around
     # the matrix products. Each new token layout (task) costs a compile (~20 s on a CPU) the first time.
     compile: bool = False
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
     mixture: TaskMixture = field(default_factory=TaskMixture)
     seed: int = 0
     log_every: int = 10
