@@ -120,8 +120,7 @@ def test_only_adapters_and_configured_groups_train_and_the_export_merges_them(tm
     assert {n for n, p in model.named_parameters() if model.parameter_group(n) == "text"} <= trainable
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".base_layer." in n)
     trainer.train_step()
-    with_grad = set()  # set_to_none: gradients are gone after the step; optimizer state shows who stepped
-    state = trainer.optimizer.state
+    state = trainer.optimizer.state  # who stepped (gradients are set to None after the step)
     names = {id(p): n for n, p in model.named_parameters()}
     with_grad = {names[id(p)] for p in state}
     assert with_grad == trainable
@@ -136,7 +135,7 @@ def test_only_adapters_and_configured_groups_train_and_the_export_merges_them(tm
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     assert config["base_model_name_or_path"] == str(tiny_generator.resolve())
     saved = load_file(str(adapter_dir / lora.ADAPTER_WEIGHTS))
-    assert all(lora.is_lora_parameter(k) and ".default." not in k for k in saved)
+    assert all(lora.is_lora_parameter(k) and ".default." not in k and k.startswith("base_model.model.") for k in saved)
     full = load_file(str(adapter_dir / lora.FULL_WEIGHTS))
     assert set(full) == {n for n in trainable if not lora.is_lora_parameter(n)}
 
@@ -159,3 +158,199 @@ def test_lora_settings_are_checked(tmp_path, training_cache, tiny_generator):
     with pytest.raises(TrainingError, match="leaves nothing to train"):
         _lora_trainer(tmp_path, training_cache, tiny_generator, "train.trainable=none", "train.lora.rank=0",
                       name="nothing")
+
+
+# --------------------------------------------------------------------------------------------
+# Adapter files: ours, diffusers', original Wan keys, plain peft
+# --------------------------------------------------------------------------------------------
+
+DIFFUSERS_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+
+
+def _diffusers_with_lora(tmp_path):
+    """A tiny diffusers Wan with a random LoRA added the diffusers way, saved as diffusers saves
+    it (`WanPipeline.save_lora_weights`: peft keys under `transformer.`)."""
+    diffusers = pytest.importorskip("diffusers")
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    reference = randomize_(diffusers.WanTransformer3DModel(rope_max_seq_len=64, **dict(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=32, ffn_dim=32, num_layers=2)).eval(), 0)
+    reference.save_pretrained(tmp_path / "base")
+    reference.add_adapter(LoraConfig(r=4, lora_alpha=6, target_modules=DIFFUSERS_TARGETS))
+    _randomize_adapters(reference, std=0.2)
+    diffusers.WanPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(reference),
+                                            transformer_lora_adapter_metadata=reference.peft_config["default"].to_dict())
+    return reference
+
+
+def test_a_diffusers_wan_lora_gives_diffusers_outputs(tmp_path):
+    from backbone_helpers import random_inputs
+    from univigu.models.convert import load_diffusers_wan
+
+    reference = _diffusers_with_lora(tmp_path)
+    files = list((tmp_path / "lora").glob("*.safetensors"))
+    assert len(files) == 1 and all(k.startswith("transformer.") for k in load_file(str(files[0])))
+    ours = load_diffusers_wan(tmp_path / "base").eval()
+    name = lora.load_adapter(ours, tmp_path / "lora")
+    assert len(lora.lora_layers(ours)) == 2 * 10  # per block: two attentions x 4, the FFN x 2
+    video, t, cond = random_inputs(ours.config, batch=2, frames=3, height=4, width=6)
+    with torch.no_grad():
+        expected = reference(hidden_states=video, timestep=t, encoder_hidden_states=cond).sample
+        reference.disable_adapters()
+        without = reference(hidden_states=video, timestep=t, encoder_hidden_states=cond).sample
+        got = ours(video, None, t, None, cond)[0]
+    assert (expected - without).abs().max() > 1e-2  # the LoRA changes the output
+    assert_close_ordered(got, expected, terms=network_terms(ours.config))
+    # the same LoRA into a unified model grown from that base: its video and shared parts adapt
+    from univigu.models.unify import unify_video_model
+
+    unified = unify_video_model(load_diffusers_wan(tmp_path / "base"), vocab_size=11, text_length=4, init="copy",
+                                seed=0).eval()
+    lora.load_adapter(unified, tmp_path / "lora", name)
+    assert {n for n, _ in lora.lora_layers(unified)} == {n for n, _ in lora.lora_layers(ours)}
+    with torch.no_grad():
+        assert_close_ordered(unified(video, None, t, None, cond)[0], expected, terms=network_terms(ours.config))
+
+
+def test_original_key_lora_equals_the_diffusers_named_one(tmp_path):
+    """DiffSynth-Studio / Wan tooling name LoRA modules by the original keys (`self_attn.q`); kohya
+    writes lora_down / lora_up and alpha entries: the same adapter, the same outputs."""
+    model = _unified()
+    inputs = _inputs(model)
+    config = lora.make_config(model, 4, 2, targets=["shared:attn1.*,attn2.*", "video:ffn.*"])
+    lora.add_adapter(model, config)
+    _randomize_adapters(model, std=0.2)
+    lora.save_adapter(tmp_path / "ours", model)
+    with torch.no_grad():
+        expected = model(*inputs)
+    from univigu.models.convert import to_original_keys
+
+    saved = {k.removeprefix("base_model.model."): v
+             for k, v in load_file(str(tmp_path / "ours" / lora.ADAPTER_WEIGHTS)).items()}
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in saved})
+    renamed = {m: to_original_keys({f"{m}.weight": torch.empty(0)}).popitem()[0][: -len(".weight")] for m in modules}
+    assert renamed["blocks.0.attn1.to_q"] == "blocks.0.self_attn.q"
+    diffsynth = {f"{renamed[m]}.{kind}.default.weight": saved[f"{m}.{kind}.weight"]
+                 for m in modules for kind in ("lora_A", "lora_B")}
+    kohya = {f"diffusion_model.{renamed[m]}.{new}.weight": saved[f"{m}.{old}.weight"]
+             for m in modules for old, new in (("lora_A", "lora_down"), ("lora_B", "lora_up"))}
+    kohya.update({f"diffusion_model.{renamed[m]}.alpha": torch.tensor(2.0) for m in modules})
+    for name, state in (("diffsynth", diffsynth), ("kohya", kohya)):
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / f"{name}.safetensors"))
+    for name in ("diffsynth", "kohya"):
+        fresh = _unified()
+        lora.load_adapter(fresh, tmp_path / f"{name}.safetensors", name)
+        with torch.no_grad():
+            got = fresh(*inputs)
+        if name == "diffsynth":  # no alpha in the file: alpha = rank, twice the saved adapter's 2 / 4
+            lora.set_adapters(fresh, [name], [0.5])
+            with torch.no_grad():
+                got = fresh(*inputs)
+        for a, e in zip(got, expected):
+            assert_close_ordered(a, e, terms=network_terms(model.config))
+
+
+def test_saved_adapter_loads_into_a_fresh_base_with_ours_and_with_plain_peft(tmp_path):
+    base_state = _unified().state_dict()
+    model = _unified()
+    inputs = _inputs(model)
+    lora.add_adapter(model, lora.make_config(model, 4, 8, targets=[SHARED_ATTENTION, "text:text_ffn.*"]))
+    _randomize_adapters(model)
+    with torch.no_grad():
+        expected = model(*inputs)
+    lora.save_adapter(tmp_path / "adapter", model, base="the-base")
+
+    fresh = _unified()
+    fresh.load_state_dict(base_state)
+    lora.load_adapter(fresh, tmp_path / "adapter", "mine")
+    with torch.no_grad():
+        _close(fresh(*inputs), expected, model.config)
+        lora.fuse(fresh)
+        _close(fresh(*inputs), expected, model.config)
+
+    from peft import PeftModel
+
+    plain = PeftModel.from_pretrained(_unified(), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        _close(plain.base_model.model(*inputs), expected, model.config)
+    assert json.loads((tmp_path / "adapter" / lora.ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == "the-base"
+
+
+def test_pipeline_loads_scales_fuses_and_unloads_a_lora(tmp_path):
+    from pipeline_helpers import tiny_model_dir
+    from univigu.pipeline import UniViGUPipeline
+
+    directory = tiny_model_dir(tmp_path / "model")
+    pipe = UniViGUPipeline.from_pretrained(directory)
+    randomize_(pipe.transformer, 5)
+    adapted = UniViGUTransformer(pipe.transformer.config)
+    adapted.load_state_dict(pipe.transformer.state_dict())
+    lora.add_adapter(adapted, lora.make_config(adapted, 2, targets=[SHARED_ATTENTION]))
+    _randomize_adapters(adapted, std=0.3)
+    lora.save_adapter(tmp_path / "adapter", adapted)
+    c = pipe.transformer.config
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(1, c.in_channels, 1, 4, 4, generator=g)
+    text = torch.randint(0, c.vocab_size, (1, c.text_length), generator=g)
+    t, cond = torch.tensor([400.0]), torch.randn(1, 3, c.text_dim, generator=g)
+
+    def run():
+        with torch.no_grad():
+            return pipe.transformer(video, text, t, t, cond)[0]
+
+    base = run()
+    name = pipe.load_lora_weights(tmp_path / "adapter", scale=0.5)
+    assert pipe.get_list_adapters() == [name] and pipe.get_active_adapters() == [name]
+    half = run()
+    pipe.set_adapters(name, 1.0)
+    full = run()
+    with torch.no_grad():
+        expected = adapted(video, text, t, t, cond)[0]
+    assert_close_ordered(full, expected, terms=network_terms(c))
+    lora.set_adapters(adapted, ["default"], [0.5])  # the weight update at half its size
+    with torch.no_grad():
+        assert_close_ordered(half, adapted(video, text, t, t, cond)[0], terms=network_terms(c))
+    assert (half - full).abs().max() > 1e-3 and (half - base).abs().max() > 1e-3
+    pipe.fuse_lora()
+    assert_close_ordered(run(), full, terms=network_terms(c))
+    pipe.unfuse_lora()
+    pipe.save_pretrained(tmp_path / "merged")  # written merged, plain keys
+    merged = UniViGUPipeline.from_pretrained(tmp_path / "merged").transformer
+    with torch.no_grad():
+        assert_close_ordered(merged(video, text, t, t, cond)[0], full, terms=network_terms(c))
+    pipe.unload_lora_weights()  # fused and unfused once: the base weights to rounding
+    assert not pipe.get_list_adapters()
+    assert_close_ordered(run(), base, terms=network_terms(c))
+
+
+def test_resume_with_lora_is_exact(tmp_path, training_cache, tiny_generator):
+    common = ("train.steps=4", "train.save_every=2", "train.warmup_steps=2", "train.lora.dropout=0.1")
+    Trainer(tiny_config(tmp_path / "full", training_cache, *LORA_RUN, *common, stage="knowledge_recall",
+                        init_from=tiny_generator), progress=False).run()
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(trainer, logs):
+        if trainer.step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _lora_trainer(tmp_path, training_cache, tiny_generator, *common, name="part").run(on_step=stop_at_3)
+    resumed = _lora_trainer(tmp_path, training_cache, tiny_generator, *common, name="part")
+    assert resumed.step == 2
+    resumed.run()
+    a, b = (tmp_path / name / "checkpoints" / "ckpt-00000004" for name in ("full", "part"))
+    for which in ("model", "ema"):
+        wa, wb = ckpt.read_weights(a, which), ckpt.read_weights(b, which)
+        assert any(".lora_B." in k for k in wa)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), which
+    oa, ob = (torch.load(p / "optimizer.pt", weights_only=True)["state"] for p in (a, b))
+    assert oa.keys() == ob.keys() and any(".lora_A." in k for k in oa)
+    assert all(torch.equal(oa[n][k], ob[n][k]) for n in oa for k in ("exp_avg", "exp_avg_sq"))
+    for name in ("full", "part"):
+        assert (tmp_path / name / "adapter" / lora.ADAPTER_WEIGHTS).is_file()
+    wa, wb = (load_file(str(tmp_path / n / "adapter" / lora.ADAPTER_WEIGHTS)) for n in ("full", "part"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -4,7 +4,8 @@ An adapter is peft's `LoraConfig` injected with `inject_adapter_in_model`: an ad
 `blocks.0.attn1.to_q` becomes peft's `lora.Linear` (`base_layer`, `lora_A.<name>`, `lora_B.<name>`),
 so the forward, merging and state-dict keys are peft's own. On disk an adapter is peft's format,
 a folder with `adapter_config.json` (its `base_model_name_or_path` names the base model) and
-`adapter_model.safetensors` (keys `blocks.0.attn1.to_q.lora_A.weight`); when parameter groups
+`adapter_model.safetensors` (keys `base_model.model.blocks.0.attn1.to_q.lora_A.weight`, as
+`PeftModel.save_pretrained` writes them); when parameter groups
 trained fully beside the adapters, their weights are in `full_weights.safetensors` next to them.
 
 `load_adapter` also reads the LoRA files others write for Wan, applied to the video and shared
@@ -37,6 +38,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FULL_WEIGHTS = "full_weights.safetensors"
 GROUPS = ("video", "shared", "text")
+PEFT_PREFIX = "base_model.model."  # PeftModel's wrapper around the base model
 _BLOCK_RE = re.compile(r"^blocks\.\d+\.")
 
 
@@ -150,8 +152,11 @@ def save_adapter(directory: str | Path, model: nn.Module, adapter_name: str = "d
     config = model.peft_config[adapter_name].to_dict()
     config["base_model_name_or_path"] = None if base is None else str(base)
     config["target_modules"] = sorted(config["target_modules"])
+    # Keys as peft's own PeftModel.save_pretrained writes them for this model (its wrapper prefix),
+    # so PeftModel.from_pretrained(base, directory) loads them.
+    tensors = {PEFT_PREFIX + k: v for k, v in adapter_state_dict(model, adapter_name, state).items()}
     with atomic_file(directory / ADAPTER_WEIGHTS) as tmp:
-        save_file(adapter_state_dict(model, adapter_name, state), str(tmp), metadata={"format": "pt"})
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     if full_weights:
         with atomic_file(directory / FULL_WEIGHTS) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in full_weights.items()}, str(tmp))
@@ -165,7 +170,7 @@ def save_adapter(directory: str | Path, model: nn.Module, adapter_name: str = "d
 
 _LORA_KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(\.default)?\.weight$")
 _ALPHA_KEY_RE = re.compile(r"^(?P<module>.+?)\.alpha$")
-_ORIGINAL_PREFIXES = ("diffusion_model.", "model.diffusion_model.", "base_model.model.")
+_ORIGINAL_PREFIXES = ("diffusion_model.", "model.diffusion_model.", PEFT_PREFIX)
 
 
 def _adapter_file(path: Path) -> tuple[Path, Path | None]:
@@ -242,11 +247,13 @@ def normalize_lora_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, t
 
 
 def _config_from_weights(state: dict[str, torch.Tensor], alphas: dict[str, float], metadata: dict | None):
-    """A LoraConfig for weights without adapter_config.json: ranks from lora_A's shape, alpha from
-    the file's `.alpha` entries or diffusers' metadata (else the rank)."""
+    """A LoraConfig for weights without adapter_config.json: diffusers' metadata when the file has
+    it, else ranks from lora_A's shape and alpha from the file's `.alpha` entries (else the rank,
+    as diffusers assumes too)."""
     peft = _peft()
-    if metadata:
-        config = dict(metadata)
+    if metadata:  # diffusers' lora_adapter_metadata: the LoraConfig, its keys under "transformer."
+        config = {k.removeprefix("transformer."): v for k, v in metadata.items()
+                  if not k.startswith(("text_encoder", "unet."))}
         config.pop("peft_type", None)
         config["target_modules"] = sorted({k.rsplit(".lora_", 1)[0] for k in state})
         return peft.LoraConfig(**{k: v for k, v in config.items() if k in peft.LoraConfig.__dataclass_fields__})
@@ -274,7 +281,7 @@ def read_adapter(path: str | Path) -> tuple[object, dict[str, torch.Tensor], dic
     if config_file is not None:
         config = peft.LoraConfig.from_pretrained(str(config_file.parent))
     else:
-        metadata = meta.get("lora_adapter_metadata") or meta.get("transformer.lora_adapter_metadata")
+        metadata = meta.get("lora_adapter_metadata")
         config = _config_from_weights(state, alphas, json.loads(metadata) if metadata else None)
     full = {}
     full_file = weights.parent / FULL_WEIGHTS if path.is_dir() else None
@@ -295,6 +302,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         raise LoraError(f"{path} adapts layers this model does not have: {key_list(missing, 3)}")
     config.target_modules = set(targets)
     config.inference_mode = True
+    active = active_adapters(model)
     add_adapter(model, config, adapter_name, train=False)
     from peft import set_peft_model_state_dict
 
@@ -311,8 +319,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         with torch.no_grad():
             for key, value in full.items():
                 own[names[key]].copy_(value.to(own[names[key]].dtype))
-    if scale != 1.0:
-        set_adapters(model, [*active_adapters(model)], None, {adapter_name: scale})
+    set_adapters(model, [*active, adapter_name], None, {adapter_name: scale})
     return adapter_name
 
 
