@@ -354,3 +354,45 @@ def test_resume_with_lora_is_exact(tmp_path, training_cache, tiny_generator):
         assert (tmp_path / name / "adapter" / lora.ADAPTER_WEIGHTS).is_file()
     wa, wb = (load_file(str(tmp_path / n / "adapter" / lora.ADAPTER_WEIGHTS)) for n in ("full", "part"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_cli_lora_flag_and_convert_merge_lora(tmp_path, capsys):
+    import numpy as np
+
+    from pipeline_helpers import prompt_encoder, tiny_model_dir
+    from univigu.cli import main
+    from univigu.data.video_io import write_video
+    from univigu.pipeline import UniViGUPipeline
+
+    directory = tiny_model_dir(tmp_path / "model")
+    base = UniViGUPipeline.from_pretrained(directory, dtype="fp32").transformer
+    adapted = UniViGUTransformer(base.config)
+    adapted.load_state_dict(base.state_dict())
+    lora.add_adapter(adapted, lora.make_config(adapted, 2, targets=[SHARED_ATTENTION, "text:text_ffn.*"]))
+    _randomize_adapters(adapted, std=0.5)
+    lora.save_adapter(tmp_path / "adapter", adapted)
+
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    pipe = UniViGUPipeline.from_pretrained(directory, dtype="fp32", prompt_encoder=prompt_encoder())
+    pipe.load_lora_weights(tmp_path / "adapter", scale=0.7)
+    expected = pipe.caption([clip], steps=3, sampler="euler", seed=7).captions
+    code = main(["caption", str(clip), "--ckpt_dir", str(directory), "--sample_steps", "3", "--text_sampler",
+                 "euler", "--base_seed", "7", "--dtype", "fp32", "--lora", f"{tmp_path / 'adapter'}:0.7"])
+    out, _ = capsys.readouterr()
+    assert code == 0 and out.splitlines() == expected
+
+    code = main(["convert", "--model_dir", str(directory), "--merge_lora", f"{tmp_path / 'adapter'}:0.7",
+                 "--out", str(tmp_path / "merged")])
+    capsys.readouterr()
+    assert code == 0
+    merged = load_bundle(tmp_path / "merged").transformer
+    pipe.fuse_lora()
+    fused = {k.replace(".base_layer.", "."): v for k, v in pipe.transformer.state_dict().items()
+             if not lora.is_lora_parameter(k)}
+    assert set(merged.state_dict()) == set(fused)
+    assert all(torch.equal(v, fused[k]) for k, v in merged.state_dict().items())
+
+    code = main(["caption", str(clip), "--ckpt_dir", str(directory), "--lora", str(tmp_path / "missing")])
+    _, err = capsys.readouterr()
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "--lora" in err
