@@ -101,3 +101,21 @@ def test_knowledge_recall_two_processes_equal_one(tmp_path, training_cache, tiny
         assert torch.equal(optim[name]["step"], single[name]["step"])
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(optim[name][key], single[name][key], rtol=1e-3, atol=1e-9, msg=f"{name} {key}")
+
+
+def test_lora_two_processes_equal_one(tmp_path, training_cache, tiny_generator):
+    """LoRA on the shared attention (peft's layers inside the FSDP2 blocks, sharded with them) beside
+    the fully trained text stream: the same run on 2 processes as on 1, and the same adapter file."""
+    lora = ("train.trainable=text", "train.lora.rank=4", "train.lora.alpha=8", "train.lr=0.003",
+            "train.lora.targets=['shared:attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0']") + COMMON
+    Trainer(tiny_config(tmp_path / "one", training_cache, *lora, stage="knowledge_recall", init_from=tiny_generator),
+            progress=False).run()
+    torchrun_train(tiny_overrides(tmp_path / "two", training_cache, *lora, stage="knowledge_recall",
+                                  init_from=tiny_generator))
+    assert_same_run(tmp_path / "one", tmp_path / "two", steps=4)
+    names = ckpt.read_weights(tmp_path / "two" / "checkpoints" / "ckpt-00000004", "model")
+    assert any(".lora_B." in k for k in names)
+    ea, eb = (load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("one", "two"))
+    assert ea.keys() == eb.keys() and ea
+    for name in ea:
+        torch.testing.assert_close(eb[name], ea[name], rtol=0, atol=1e-5, msg=name)

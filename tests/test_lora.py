@@ -94,6 +94,19 @@ def test_zero_initialised_adapters_leave_outputs_unchanged_and_merged_equals_unm
         _close(model(*inputs), unmerged, model.config)
 
 
+
+def test_compiled_lora_forward_equals_the_eager_one():
+    model = _unified(num_layers=1)  # one block: one compile
+    lora.add_adapter(model, lora.make_config(model, 4, targets=[SHARED_ATTENTION, "text:text_ffn.*"]))
+    _randomize_adapters(model)
+    inputs = _inputs(model)
+    with torch.no_grad():
+        eager = model(*inputs)
+        model.compile_blocks()
+        compiled = model(*inputs)
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+    _close(compiled, eager, model.config)
+
 # --------------------------------------------------------------------------------------------
 # Training with adapters
 # --------------------------------------------------------------------------------------------
