@@ -409,3 +409,18 @@ def test_cli_lora_flag_and_convert_merge_lora(tmp_path, capsys):
     code = main(["caption", str(clip), "--ckpt_dir", str(directory), "--lora", str(tmp_path / "missing")])
     _, err = capsys.readouterr()
     assert code != 0 and len(err.strip().splitlines()) == 1 and "--lora" in err
+
+
+def test_the_lora_preset_is_the_unified_preset_plus_adapters_on_the_shared_attention():
+    from univigu.config import load_config, to_dict
+
+    unified, preset = to_dict(load_config("shapesworld-unified")), to_dict(load_config("shapesworld-unified-lora"))
+    lora_cfg = preset["train"].pop("lora")
+    assert lora_cfg["rank"] > 0 and all(t.startswith("shared:") for t in lora_cfg["targets"])
+    unified["train"].pop("lora")
+    differ = {k for k in unified["train"] if unified["train"][k] != preset["train"][k]}
+    assert differ == {"stage", "output_dir", "steps"} and preset["train"]["stage"] == "capability_refinement"
+    assert {k: v for k, v in preset.items() if k != "train"} == {k: v for k, v in unified.items() if k != "train"}
+    model = UniViGUTransformer(load_config("shapesworld-unified-lora").model, vocab_size=10)
+    names = lora.target_modules(model, lora_cfg["targets"])
+    assert len(names) == 8 * model.config.num_layers

@@ -396,17 +396,25 @@ def resolve_preset(path: str | Path) -> Path:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 cls: type = ExperimentConfig) -> Any:
     """Load a YAML config (or the defaults when `path` is None), apply overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        path = resolve_preset(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    data = _read_yaml(resolve_preset(path)) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     # Round-trip through the defaults so partial files are completed.
     merged = _merge(to_dict(cls()), data)
     return from_dict(cls, merged)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML config; a top-level `base: NAME|FILE` is read first and this file's keys override it."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: its `base` chain loops back to it")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    base = data.pop("base", None) if isinstance(data, dict) else None
+    if base is not None:
+        data = _merge(_read_yaml(resolve_preset(str(base)), (*seen, path.resolve())), data)
+    return data
 
 
 def _merge(base: dict, update: dict) -> dict:
