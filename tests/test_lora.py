@@ -162,6 +162,18 @@ def test_only_adapters_and_configured_groups_train_and_the_export_merges_them(tm
         _close(merged(*inputs), unmerged(*inputs), merged.config)
 
 
+def test_lora_with_activation_checkpointing_trains_like_without(tmp_path, training_cache, tiny_generator):
+    runs = []
+    for flag in ("false", "true"):
+        trainer = _lora_trainer(tmp_path, training_cache, tiny_generator, f"train.gradient_checkpointing={flag}",
+                                name=f"ckpt-{flag}")
+        logs = [trainer.train_step() for _ in range(2)]
+        runs.append((logs, trainer.model.state_dict()))
+    (logs_a, weights_a), (logs_b, weights_b) = runs
+    assert [r["loss"] for r in logs_a] == [r["loss"] for r in logs_b]
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
 def test_lora_settings_are_checked(tmp_path, training_cache, tiny_generator):
     with pytest.raises(TrainingError, match="match no linear layer"):
         _lora_trainer(tmp_path, training_cache, tiny_generator, "train.lora.targets=['video:nothing.*']")
