@@ -12,7 +12,8 @@ Each refined model is evaluated on the demo's test videos (`--num_test`, default
 seed) with the ShapesWorld oracle: V2T all-correct with 1 caption and with 8 verified candidates,
 T2V and joint all-correct (Wilson 95% intervals). Per variant also: trainable parameters,
 optimizer-state bytes (read from the final checkpoint's AdamW state), the adapter file size and
-the mean training step time (the trainer's own steps/s log). Beside them, the analytic sizes at
+the median training step time (the trainer's own steps/s log; `--time_steps N` times the
+variants' steps in turn instead, under one machine load, into lora_step_time.json). Beside them, the analytic sizes at
 Wan2.1 1.3B and 14B (counted on meta-device models): trainable parameters, AdamW state and adapter
 bytes of the shared attention trained fully against LoRA of rank 8 / 32.
 
@@ -21,6 +22,7 @@ provenance). One torch thread keeps it beside other work:
 
     OMP_NUM_THREADS=1 python benchmarks/bench_lora.py                 # tens of minutes on a CPU
     OMP_NUM_THREADS=1 python benchmarks/bench_lora.py --cr_steps 600  # a reduced, equal budget
+    OMP_NUM_THREADS=1 python benchmarks/bench_lora.py --time_steps 20  # step times, minutes
 """
 
 from __future__ import annotations
@@ -106,6 +108,31 @@ def evaluate_model(model_dir: Path, args, world) -> dict:
     return out
 
 
+def interleaved_step_times(root: Path, kr: Path, world, steps: int, variants: list[str]) -> dict:
+    """Median seconds of a refinement step per variant, the variants' steps taken in turn (the same
+    machine load for all), after 3 warm-up steps each; trainers write into ROOT/step_time/."""
+    from univigu.config import load_config, to_dict
+    from univigu.training.trainer import Trainer
+
+    trainers = {}
+    for name in variants:
+        overrides = ["train.stage=capability_refinement", f"train.init_from={kr}", "train.seed=0",
+                     f"train.output_dir={root / 'step_time' / name}", "train.steps=1000"]
+        overrides += [f"world.{k}={v}" for k, v in to_dict(world).items()]
+        overrides += [] if not VARIANTS[name] else lora_overrides(VARIANTS[name][0])
+        trainers[name] = Trainer(load_config("shapesworld-unified", overrides), progress=False)
+    for trainer in trainers.values():
+        for _ in range(3):
+            trainer.train_step()
+    times = {name: [] for name in trainers}
+    for _ in range(steps):
+        for name, trainer in trainers.items():
+            began = time.perf_counter()
+            trainer.train_step()
+            times[name].append(time.perf_counter() - began)
+    return {name: {"median_step_seconds": round(statistics.median(v), 4), "steps": len(v)} for name, v in times.items()}
+
+
 def analytic_sizes() -> dict:
     """Trainable parameters and bytes of the shared attention (self and cross: q, k, v, out) at
     Wan2.1 scale, trained fully or through LoRA; AdamW keeps two fp32 tensors per parameter."""
@@ -141,6 +168,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--result", default=str(RESULTS_DIR / "lora.json"))
+    parser.add_argument("--time_steps", type=int, default=0,
+                        help="only time N refinement steps of every variant, in turn, from the Knowledge "
+                             "Recall model; writes --step_time_result")
+    parser.add_argument("--step_time_result", default=str(RESULTS_DIR / "lora_step_time.json"))
     args = parser.parse_args()
 
     root = Path(args.out)
@@ -148,6 +179,13 @@ def main() -> None:
     generator = shipped_generator_dir()
     world = load_bundle(generator).world
     kr = stage("knowledge_recall", root, generator, args.kr_steps, args, world, [])
+    if args.time_steps:
+        times = interleaved_step_times(root, kr, world, args.time_steps, args.variants)
+        write_json(args.step_time_result, {"machine": machine_info(), "load_average": {
+            "before": load_before, "after": load_average()}, "torch_threads": torch.get_num_threads(),
+            "variants": times})
+        print(json.dumps(times))
+        return
     settings = {k: getattr(args, k) for k in ("kr_steps", "cr_steps", "num_test", "seed")}
     settings.update(demo_cr_steps=CR_STEPS, lora_targets=f"shared:{SHARED_ATTENTION}", lora_alpha="rank")
     results = {}
