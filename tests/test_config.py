@@ -64,3 +64,13 @@ def test_int_is_accepted_where_a_float_is_expected():
     cfg = from_dict(TransformerConfig, {"eps": 1})
     assert cfg.eps == 1.0 and isinstance(cfg.eps, float)
     assert to_dict(cfg)["patch_size"] == [1, 2, 2]
+
+
+def test_a_config_file_can_build_on_a_base(tmp_path):
+    (tmp_path / "child.yaml").write_text("base: shapesworld-unified\ntrain: {lr: 0.5}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.train.lr == 0.5 and cfg.model.text_key_bias == load_config("shapesworld-unified").model.text_key_bias
+    (tmp_path / "a.yaml").write_text(f"base: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")

@@ -123,3 +123,21 @@ def test_every_torchrun_rank_honours_the_lock_of_a_live_run(tmp_path, training_c
     # torchrun's own agent reports the failed workers with a traceback of its own; none is ours.
     assert not any("univigu" in line for line in done.stderr.splitlines() if line.strip().startswith("File "))
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_lora_two_processes_equal_one(tmp_path, training_cache, tiny_generator):
+    """LoRA on the shared attention (peft's layers inside the FSDP2 blocks, sharded with them) beside
+    the fully trained text stream: the same run on 2 processes as on 1, and the same adapter file."""
+    lora = ("train.trainable=text", "train.lora.rank=4", "train.lora.alpha=8", "train.lr=0.003",
+            "train.lora.targets=['shared:attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0']") + COMMON
+    Trainer(tiny_config(tmp_path / "one", training_cache, *lora, stage="knowledge_recall", init_from=tiny_generator),
+            progress=False).run()
+    torchrun_train(tiny_overrides(tmp_path / "two", training_cache, *lora, stage="knowledge_recall",
+                                  init_from=tiny_generator))
+    assert_same_run(tmp_path / "one", tmp_path / "two", steps=4)
+    names = ckpt.read_weights(tmp_path / "two" / "checkpoints" / "ckpt-00000004", "model")
+    assert any(".lora_B." in k for k in names)
+    ea, eb = (load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("one", "two"))
+    assert ea.keys() == eb.keys() and ea
+    for name in ea:
+        torch.testing.assert_close(eb[name], ea[name], rtol=0, atol=1e-5, msg=name)

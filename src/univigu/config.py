@@ -179,6 +179,22 @@ class TaskMixture:
 
 
 @dataclass
+class LoraTrainConfig:
+    """Low-rank adapters (peft's LoRA) on the diffusers-named linear layers; `rank` 0 = none.
+
+    `targets`: one entry per parameter group, "GROUP:PATTERN,PATTERN,...", the patterns matched
+    (fnmatch) against a linear layer's name inside its block, e.g. "shared:attn1.to_q,attn1.to_k",
+    "video:ffn.*", "text:text_ffn.*". An adapted layer's own weights are frozen, whatever
+    `train.trainable` says; the adapters train at `lr_scale` x `train.lr`."""
+
+    rank: int = 0
+    alpha: float | None = None  # None = rank (scale 1)
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["shared:attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0"])
+    lr_scale: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     stage: Literal["generator", "knowledge_recall", "capability_refinement"] = "generator"
     init_from: str | None = None  # previous stage's directory, or a Wan checkpoint directory
@@ -197,7 +213,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup_steps: int = 100
     bf16: bool = True
-    trainable: Literal["all", "text", "text_and_shared"] = "all"
+    trainable: Literal["all", "text", "text_and_shared", "none"] = "all"  # none: only LoRA adapters train
     # Learning-rate multipliers for the pretrained video parts and the shared attention/modulation
     # (the new text parts get train.lr): keep the generator's prior while the text stream learns.
     lr_scale_video: float = 1.0
@@ -206,6 +222,7 @@ class TrainConfig:
     # torch.compile every transformer block (as torchtitan does): fuses the elementwise work around
     # the matrix products. Each new token layout (task) costs a compile (~20 s on a CPU) the first time.
     compile: bool = False
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
     mixture: TaskMixture = field(default_factory=TaskMixture)
     seed: int = 0
     log_every: int = 10
@@ -400,16 +417,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML config (or the defaults when `path` is None), apply overrides, validate."""
     data: dict = {}
     if path is not None:
-        path = resolve_preset(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"cannot read config file {path}: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections (world:, model:, train:, ...), "
-                              f"got a {type(data).__name__}")
+        data = _read_yaml(resolve_preset(path))
     defaults = to_dict(cls())
     data = apply_overrides(data, list(overrides or []), sections=defaults)
     # Round-trip through the defaults so partial files are completed.
@@ -458,6 +466,25 @@ def check_values(cfg: Any) -> None:
                 if value < low or (high is not None and value > high):
                     bound = f">= {low}" if high is None else f"in [{low}, {high}]"
                     raise ConfigError(f"config key '{name}' must be {bound}, got {value}")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML config; a top-level `base: NAME|FILE` is read first and this file's keys override it."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: its `base` chain loops back to it")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (world:, model:, train:, ...), "
+                          f"got a {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(_read_yaml(resolve_preset(str(base)), (*seen, path.resolve())), data)
+    return data
 
 
 def _merge(base: dict, update: dict) -> dict:

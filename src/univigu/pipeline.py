@@ -246,8 +246,16 @@ class UniViGUPipeline:
                                device=device, dtype=dtype, progress=progress)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the model directory (one subfolder per component and model_index.json)."""
-        return save_bundle(directory, self.transformer, self.codec, self.prompt_encoder_config,
+        """Write the model directory (one subfolder per component and model_index.json); loaded
+        LoRA adapters are written merged in, at their current weights."""
+        transformer = self.transformer
+        if getattr(transformer, "peft_config", None):
+            import copy
+
+            from .models.lora import unload
+
+            transformer = unload(copy.deepcopy(transformer), merge=True)
+        return save_bundle(directory, transformer, self.codec, self.prompt_encoder_config,
                            self.null_condition, self.tokenizer, self.world, self.sampler, self.flow)
 
     def to(self, device: str | torch.device | None = None,
@@ -554,6 +562,60 @@ class UniViGUPipeline:
         latents = sample.video.float()
         return JointOutput(frames=self.decode_latents(latents), captions=self.tokenizer.decode(sample.tokens.cpu()),
                            latents=latents.cpu(), tokens=sample.tokens.cpu(), seeds=seeds, nfe=sample.nfe)
+
+    # ------------------------------------------------------------------ LoRA adapters
+    def load_lora_weights(self, path: str | Path, adapter_name: str | None = None,
+                          scale: float = 1.0) -> str:
+        """Apply a LoRA (peft's folder, a diffusers Wan LoRA file or one with original Wan keys;
+        `models/lora.py`) to the transformer as adapter `adapter_name` (default `default_N`), at
+        `scale`. Active beside those already loaded; returns its name."""
+        from .models import lora
+
+        existing = lora.adapter_names(self.transformer)
+        if adapter_name is None:
+            adapter_name = f"default_{len(existing)}"
+        if any(layer.merged for _, layer in lora.lora_layers(self.transformer)):
+            raise PipelineError("unfuse_lora() before loading another LoRA")
+        lora.load_adapter(self.transformer, path, adapter_name, scale=scale)
+        self.transformer.to(self.device).eval()
+        return adapter_name
+
+    def get_list_adapters(self) -> list[str]:
+        from .models import lora
+
+        return lora.adapter_names(self.transformer)
+
+    def get_active_adapters(self) -> list[str]:
+        from .models import lora
+
+        return lora.active_adapters(self.transformer)
+
+    def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights: float | Sequence[float] | None = None):
+        """Activate these adapters (the others are off), each at its weight (default 1)."""
+        from .models import lora
+
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if isinstance(adapter_weights, (int, float)):
+            adapter_weights = [float(adapter_weights)] * len(names)
+        lora.set_adapters(self.transformer, names, adapter_weights)
+
+    def fuse_lora(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Merge the active (or the named) adapters into the weights: the same outputs, no adapter
+        cost per forward; `unfuse_lora` takes them out again."""
+        from .models import lora
+
+        lora.fuse(self.transformer, None if adapter_names is None else list(adapter_names))
+
+    def unfuse_lora(self) -> None:
+        from .models import lora
+
+        lora.unfuse(self.transformer)
+
+    def unload_lora_weights(self, merge: bool = False) -> None:
+        """Remove every adapter (merged into the weights first when `merge`): a plain transformer."""
+        from .models import lora
+
+        lora.unload(self.transformer, merge=merge)
 
 
 __all__ = ["UniViGUPipeline", "PipelineError", "GenerationOutput", "CaptionOutput", "JointOutput",

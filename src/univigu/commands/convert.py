@@ -69,6 +69,10 @@ def register(subparsers) -> None:
     source.add_argument("--wan_dir", metavar="DIR", help="diffusers WanTransformer3DModel or Wan pipeline folder")
     source.add_argument("--original", metavar="PATH", help="original-format Wan2.1 checkpoint (file or folder)")
     source.add_argument("--univigu_checkpoint", metavar="PATH", help="published Uni-ViGU weights (.pth/.safetensors)")
+    source.add_argument("--model_dir", metavar="DIR", help="a univigu model directory (with --merge_lora)")
+    parser.add_argument("--merge_lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="merge this LoRA (peft adapter folder, diffusers or original-key Wan .safetensors) "
+                             "into the weights written; repeat for several")
     parser.add_argument("--out", required=True, metavar="DIR", help="output model directory")
     parser.add_argument("--config", default=None, metavar="NAME|FILE",
                         help="with --original: t2v-1.3B, t2v-14B or a JSON config (default: config.json "
@@ -286,6 +290,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConvertError("--config goes with --original")
     if args.wan_base is not None and args.univigu_checkpoint is None:
         raise ConvertError("--wan_base goes with --univigu_checkpoint")
+    if args.model_dir is not None:
+        return _merge_into_model_dir(args, out)
     width, height = parse_size(args.size)
     vae_dir = _folder(args.vae_dir, "--vae_dir")
     encoder_dir = _folder(args.text_encoder_dir, "--text_encoder_dir")
@@ -333,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
         sampler_defaults = settings["sampler"]
         source = f"published Uni-ViGU {args.univigu_checkpoint}"
 
+    _merge_loras(transformer, args.merge_lora)
     cfg = transformer.config
     codec = _codec(cfg.in_channels, vae_dir, normalize, args.temporal_factor)
     encoder_config = _prompt_encoder_config(cfg.text_dim, encoder_dir, args, null_default)
@@ -360,4 +367,41 @@ def run(args: argparse.Namespace) -> int:
     print(f"model directory: {out}  [{kind}]")
     print(f"codec: {codec.kind}{' ' + str(vae_dir) if vae_dir else ''}; prompt encoder: {encoder_config.kind}"
           f"{' ' + str(encoder_dir) if encoder_dir else ''}")
+    return 0
+
+
+def _merge_loras(transformer, values: list[str]) -> None:
+    """Apply each --merge_lora PATH[:SCALE] and merge them all into the plain weights (in place)."""
+    from univigu.models import lora
+
+    from .generate import parse_lora
+
+    for i, value in enumerate(values):
+        path, scale = parse_lora(value)
+        if not path.exists():
+            raise ConvertError(f"--merge_lora: not found: {path}")
+        try:
+            lora.load_adapter(transformer, path, f"merge_{i}", scale=scale)
+        except lora.LoraError as err:
+            raise ConvertError(f"--merge_lora {value}: {err}") from None
+    if values:
+        lora.unload(transformer, merge=True)
+
+
+def _merge_into_model_dir(args, out: Path) -> int:
+    """--model_dir DIR --merge_lora ...: the same model directory with the LoRAs merged in."""
+    from univigu.models.bundle import load_bundle, save_bundle
+
+    if not args.merge_lora:
+        raise ConvertError("--model_dir converts nothing by itself: give --merge_lora PATH[:SCALE]")
+    directory = _folder(args.model_dir, "--model_dir")
+    try:
+        bundle = load_bundle(directory)
+    except (OSError, ValueError) as err:
+        raise ConvertError(f"--model_dir {directory}: {err}") from None
+    _merge_loras(bundle.transformer, args.merge_lora)
+    save_bundle(out, bundle.transformer, bundle.codec, bundle.prompt_encoder_config, bundle.null_condition,
+                bundle.tokenizer, bundle.world, bundle.sampler, bundle.flow)
+    print(f"merged {len(args.merge_lora)} LoRA(s) into {directory}")
+    print(f"model directory: {out}")
     return 0

@@ -48,6 +48,20 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                         help="compute dtype (default auto: bf16 on CUDA / AVX-512 CPUs, else fp32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="apply a LoRA (peft adapter folder, diffusers or original-key Wan .safetensors) "
+                             "at SCALE (default 1); repeat for several")
+
+
+def parse_lora(value: str) -> tuple[Path, float]:
+    """'PATH[:SCALE]' -> (path, scale); a path that itself holds ':' keeps it unless a number follows."""
+    path, sep, scale = value.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass
+    return Path(value), 1.0
 
 
 def add_video_args(parser: argparse.ArgumentParser, solver: bool = True) -> None:
@@ -160,8 +174,19 @@ def load_pipeline(args):
                       "library's defaults for the rest", stacklevel=2)
     with warnings.catch_warnings():  # the missing files were reported above
         warnings.filterwarnings("ignore", message=".* is missing: using the default")
-        return UniViGUPipeline.from_pretrained(directory, device=args.device, dtype=args.dtype,
+        pipe = UniViGUPipeline.from_pretrained(directory, device=args.device, dtype=args.dtype,
                                                progress=not args.no_progress)
+    from univigu.models.lora import LoraError
+
+    for value in getattr(args, "lora", None) or []:
+        path, scale = parse_lora(value)
+        if not path.exists():
+            raise CommandError(f"--lora: not found: {path}")
+        try:
+            pipe.load_lora_weights(path, scale=scale)
+        except LoraError as err:
+            raise CommandError(f"--lora {value}: {err}") from None
+    return pipe
 
 
 def write_outputs(args, pipe, frames, prompt: str, seed: int, task: str) -> Path:

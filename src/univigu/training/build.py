@@ -12,7 +12,7 @@ from ..models.text import TextTokenizer, load_text_tokenizer
 from ..models.transformer import UniViGUTransformer
 from ..models.unify import TEXT_OPTIONS, unify_video_model
 
-TRAINABLE_GROUPS = {"all": "all", "text": {"text"}, "text_and_shared": {"text", "shared"}}
+TRAINABLE_GROUPS = {"all": "all", "text": {"text"}, "text_and_shared": {"text", "shared"}, "none": set()}
 
 
 class TrainingError(ValueError):
@@ -101,9 +101,19 @@ def build_model(cfg: ExperimentConfig, tokenizer: TextTokenizer | None) -> UniVi
                              mask_token=cfg.flow.text_source == "mask", init="copy", seed=t.seed, **text_options)
 
 
-def freeze(model: UniViGUTransformer, trainable: str) -> None:
-    """Train only the parameter groups `train.trainable` names; refuse a choice that leaves none."""
+def freeze(model: UniViGUTransformer, trainable: str, lora=None) -> None:
+    """Train only the parameter groups `train.trainable` names, plus the LoRA adapters `lora`
+    (`train.lora`) adds through peft (the adapted layers' own weights frozen); refuse a choice that
+    leaves nothing to train."""
     model.set_trainable(TRAINABLE_GROUPS[trainable])
+    if lora is not None and lora.rank > 0:
+        from ..models import lora as adapters
+
+        try:
+            config = adapters.make_config(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
+        except adapters.LoraError as err:
+            raise TrainingError(f"train.lora: {err}") from None
+        adapters.add_adapter(model, config, train=True)
     if not any(p.requires_grad for p in model.parameters()):
         kind = "unified" if model.has_text_stream else "video-only"
         raise TrainingError(f"train.trainable={trainable!r} leaves nothing to train in a {kind} model")

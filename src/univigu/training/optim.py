@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..config import TrainConfig
+from ..models.lora import add_adapter, is_lora_parameter, unload
 from ..models.transformer import UniViGUTransformer
 from .build import TrainingError
 
@@ -25,15 +26,18 @@ def ema_decay(step: int, decay: float, warmup: int) -> float:
 
 
 def param_groups(model, train: TrainConfig) -> list[dict]:
-    """Trainable parameters by group (video, shared, text), each with its learning-rate scale."""
-    for name, value in (("lr_scale_video", train.lr_scale_video), ("lr_scale_shared", train.lr_scale_shared)):
+    """Trainable parameters by group (video, shared, text; LoRA adapters their own), each with its
+    learning-rate scale."""
+    for name, value in (("lr_scale_video", train.lr_scale_video), ("lr_scale_shared", train.lr_scale_shared),
+                        ("lora.lr_scale", train.lora.lr_scale)):
         if not value >= 0:
             raise TrainingError(f"train.{name} must be >= 0, got {value}")
-    scales = {"video": train.lr_scale_video, "shared": train.lr_scale_shared, "text": 1.0}
+    scales = {"video": train.lr_scale_video, "shared": train.lr_scale_shared, "text": 1.0,
+              "lora": train.lora.lr_scale}
     groups = {name: [] for name in scales}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups[model.parameter_group(name)].append(param)
+            groups["lora" if is_lora_parameter(name) else model.parameter_group(name)].append(param)
     return [{"params": params, "lr_scale": scales[name]} for name, params in groups.items() if params]
 
 
@@ -68,10 +72,17 @@ class EMA:
                 self.state[name].mul_(decay).add_(param.detach().float(), alpha=1 - decay)
 
 
-def plain_model(config, state: dict[str, torch.Tensor]) -> UniViGUTransformer:
-    """An uncompiled, unsharded eval model of `config` holding the full tensors `state`."""
+def plain_model(config, state: dict[str, torch.Tensor], lora: dict | None = None,
+                merge: bool = True) -> UniViGUTransformer:
+    """An uncompiled, unsharded eval model of `config` holding the full tensors `state`; `lora`:
+    the trained model's peft configs (`model.peft_config`), whose adapters `state` holds, merged
+    into the plain weights when `merge` (else left as adapters)."""
     with torch.device("meta"):
         model = UniViGUTransformer(config)
+        for name, adapter in (lora or {}).items():
+            add_adapter(model, adapter, name)
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     model.load_state_dict({k: v.to(dtypes[k]) for k, v in state.items()}, assign=True)
+    if lora and merge:
+        unload(model, merge=True)
     return model.eval().requires_grad_(False)

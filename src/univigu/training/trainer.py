@@ -30,6 +30,7 @@ from ..atomic import atomic_directory, kill_point, recover_directory
 from ..config import ExperimentConfig, check_values, save_config, to_dict
 from ..flow.paths import MixtureTextPath
 from ..models.bundle import save_bundle
+from ..models.lora import is_lora_parameter, save_adapter, unload
 from ..models.transformer import UniViGUTransformer
 from ..models.vae import load_codec
 from ..precision import bf16_is_fast
@@ -99,7 +100,7 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg, list(self.data.prompts) + list(self.data.captions))
         self.model = build_model(cfg, self.tokenizer).to(self.device)
         self.model_config = self.model.config
-        freeze(self.model, t.trainable)
+        freeze(self.model, t.trainable, t.lora)
         parallelize(self.model, t, distributed, bf16=self.use_bf16)
         self.val_source = sources.validation_set(cfg, self.codec, **where)
         held_out = [] if self.val_source is None else list(self.val_source.prompts)
@@ -197,10 +198,16 @@ class Trainer:
         return self.checkpoints.save(self.step, self.model, self.optimizer, self.ema.state,
                                      {"config": to_dict(self.cfg)})
 
-    def ema_model(self) -> UniViGUTransformer | None:
-        """A plain (unsharded) model with the EMA weights, on rank 0 (None elsewhere; collective)."""
+    @property
+    def lora(self) -> dict | None:
+        """The peft configs of the adapters being trained (None without `train.lora`)."""
+        return getattr(self.model, "peft_config", None)
+
+    def ema_model(self, merge_lora: bool = True) -> UniViGUTransformer | None:
+        """A plain (unsharded) model with the EMA weights, on rank 0 (None elsewhere; collective);
+        trained LoRA adapters merged into it (or kept as adapters: `merge_lora=False`)."""
         full = gather_full_state(self.ema.state, self.dist)
-        return None if full is None else plain_model(self.model_config, full)
+        return None if full is None else plain_model(self.model_config, full, self.lora, merge=merge_lora)
 
     def _save_bundle(self, directory: Path, model: UniViGUTransformer) -> Path:
         return save_bundle(directory, model, self.codec, self.cfg.prompt_encoder, self.null_condition[None],
@@ -208,14 +215,29 @@ class Trainer:
 
     def export(self, directory: Path | None = None) -> Path:
         """Write the EMA model as an inference directory (every rank calls it; rank 0 writes it
-        whole into a temporary folder, then renames it into place: atomic.py)."""
+        whole into a temporary folder, then renames it into place: atomic.py).
+
+        With `train.lora` the directory holds the adapters merged in, and `OUT/adapter` the adapters
+        alone in peft's format (EMA weights), referring to `train.init_from` as their base, with
+        the weights of the groups that trained fully beside them (`full_weights.safetensors`)."""
         directory = Path(directory or self.out / "model")
-        model = self.ema_model()
+        model = self.ema_model(merge_lora=False)
         if model is not None:
+            if self.lora:
+                self.export_adapter(model)
+                unload(model, merge=True)
             with atomic_directory(directory) as tmp:
                 self._save_bundle(tmp, model)
                 kill_point("export")
         return directory
+
+    def export_adapter(self, model: UniViGUTransformer, directory: Path | None = None) -> Path:
+        """Write the adapters of `model` (the EMA model with its adapters) into OUT/adapter."""
+        directory = Path(directory or self.out / "adapter")
+        trained = {name for name, p in self.model.named_parameters() if p.requires_grad and not is_lora_parameter(name)}
+        full = {name: p for name, p in model.named_parameters() if name in trained}
+        base = None if self.cfg.train.init_from is None else Path(self.cfg.train.init_from).resolve()
+        return save_adapter(directory, model, base=base, full_weights=full)
 
     # ------------------------------------------------------------------ validation, samples
     def evaluate(self) -> dict | None:
