@@ -10,14 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The project's venv here; on a GPU machine the system python3 holds CUDA torch, and the
-# package is used from the source tree.
-if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" 2>/dev/null; then
-    PY=.venv/bin/python
-else
-    PY=python3
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+. benchmarks/python_env.sh
 
 dry=0
 [[ " $* " == *" --dry-run "* ]] && dry=1
