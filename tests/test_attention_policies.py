@@ -95,7 +95,12 @@ def test_mask_free_equals_the_dense_mask_reference_in_outputs_and_gradients(poli
         assert_close_ordered(out, ref, terms=terms, dtype=torch.float32)
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
-        assert_close_ordered(grad, ref_grads[name], terms=terms, dtype=torch.float32, msg=name)
+        # A bias's gradient sums per-token terms that may cancel (a key bias's exactly: softmax does
+        # not see a shift shared by all keys), so its rounding follows the size of the terms, which
+        # the same layer's weight gradient carries, not the size of the sum.
+        layer = name.rsplit(".", 1)[0]
+        scale = max(g.abs().max().item() for n, g in ref_grads.items() if n.rsplit(".", 1)[0] == layer)
+        assert_close_ordered(grad, ref_grads[name], terms=terms, dtype=torch.float32, scale=scale, msg=name)
     if bias is not None and path != "step_text" and task != "v2t" and task != "both_clean":
         assert any(name.endswith("text_key_bias") and grads[name].abs().sum() > 0 for name in grads)
 
